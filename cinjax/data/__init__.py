@@ -1,0 +1,1 @@
+"""Data: datalists, NIfTI I/O, preprocessing cache, transforms, grain pipeline, phantom."""

@@ -1,0 +1,1 @@
+"""Layers: norms, the 3D conv helper, Swin ops."""

@@ -1,0 +1,216 @@
+"""Normalisation layers (channels-last) and the norm factory keyed by MI-Seg's names.
+
+Every norm here has the same call signature ``norm(x, modality=None, train=False)`` so that blocks can
+take any of them from config. Statistics are always computed in float32, whatever the compute dtype,
+and the result is cast back to the input dtype.
+
+* :class:`ConditionalInstanceNorm` (MI-Seg ``instance_cond``): instance-norm statistics per sample and
+  channel over every axis but batch and channel (a volume ``(B, D, H, W, C)`` or a Swin token grid: the
+  whole stage, as MI-Seg does, not per token), then a per-modality affine
+  ``scale[modality[b], c]``, ``bias[modality[b], c]`` gathered in one vectorized op.
+* :class:`InstanceNorm` (``instance``; affine or not), :class:`LayerNorm` (``layer``, over channels),
+  :class:`BatchNorm` (``batch``), :class:`GroupNorm` (``group``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EPS = 1e-5
+NORM_NAMES = ("instance_cond", "instance", "layer", "batch", "group")
+
+
+def check_modality_ids(
+    modality: Any, num_modalities: int, names: Sequence[str] | None = None
+) -> None:
+    """Raise a ``ValueError`` if a concrete modality id lies outside ``[0, num_modalities)``.
+
+    Call this on the host where ids enter (loader, inference, CLI). Traced values (inside ``jit``)
+    are not checkable here; for those :class:`ConditionalInstanceNorm` yields NaN instead of silently
+    using another modality's parameters.
+    """
+    if isinstance(modality, jax.core.Tracer):
+        return
+    ids = np.asarray(modality)
+    if ids.size == 0:
+        return
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"Modality ids must be integers, got dtype {ids.dtype}.")
+    bad = ids[(ids < 0) | (ids >= num_modalities)]
+    if bad.size:
+        valid = (
+            ", ".join(f"{i} ({n})" for i, n in enumerate(names))
+            if names is not None
+            else ", ".join(str(i) for i in range(num_modalities))
+        )
+        raise ValueError(
+            f"Modality id(s) {sorted(set(bad.tolist()))} out of range: this model has "
+            f"{num_modalities} modalities, valid ids are {valid}."
+        )
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """fp32 mean and biased variance (two-pass, numerically stable)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    return mean, var
+
+
+def instance_normalize(x: jax.Array, eps: float = EPS) -> jax.Array:
+    """Normalise each sample and channel over all other axes (fp32 result)."""
+    axes = tuple(range(1, x.ndim - 1))
+    if not axes:
+        raise ValueError(f"Instance norm needs at least one spatial axis, got shape {x.shape}.")
+    mean, var = _moments(x, axes)
+    return (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + eps)
+
+
+class ConditionalInstanceNorm(nn.Module):
+    """Instance norm with per-modality affine tables ``scale[M, C]`` and ``bias[M, C]``.
+
+    ``modality`` is an int array of shape ``(B,)``. An id outside ``[0, M)`` produces NaN for that
+    sample (never another modality's parameters); concrete ids are also checked eagerly.
+    """
+
+    num_modalities: int
+    epsilon: float = EPS
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
+        if modality is None:
+            raise ValueError(
+                "ConditionalInstanceNorm needs a modality id per sample (int array of shape (B,))."
+            )
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (self.num_modalities, c), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_modalities, c), self.param_dtype)
+        modality = jnp.asarray(modality)
+        if modality.shape != (x.shape[0],):
+            raise ValueError(
+                f"Expected one modality id per sample, shape ({x.shape[0]},); got {modality.shape}."
+            )
+        check_modality_ids(modality, self.num_modalities)
+        valid = (modality >= 0) & (modality < self.num_modalities)
+        idx = jnp.clip(modality, 0, self.num_modalities - 1)
+        nan = jnp.float32(jnp.nan)
+        g = jnp.where(valid[:, None], scale.astype(jnp.float32)[idx], nan)
+        b = jnp.where(valid[:, None], bias.astype(jnp.float32)[idx], nan)
+        bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+        y = instance_normalize(x, self.epsilon) * g.reshape(bshape) + b.reshape(bshape)
+        return y.astype(x.dtype)
+
+
+class InstanceNorm(nn.Module):
+    """Instance norm over all non-batch, non-channel axes; optional per-channel affine."""
+
+    affine: bool = False
+    epsilon: float = EPS
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
+        y = instance_normalize(x, self.epsilon)
+        if self.affine:
+            c = x.shape[-1]
+            y = y * self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
+            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the channel axis (PyTorch eps 1e-5), fp32 statistics."""
+
+    affine: bool = True
+    epsilon: float = EPS
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
+        mean, var = _moments(x, (x.ndim - 1,))
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.affine:
+            c = x.shape[-1]
+            y = y * self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
+            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm (PyTorch semantics, eps 1e-5) with fp32 statistics."""
+
+    num_groups: int = 4
+    affine: bool = True
+    epsilon: float = EPS
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={self.num_groups}.")
+        xg = x.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+        mean, var = _moments(xg, axes)
+        y = ((xg.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        if self.affine:
+            y = y * self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
+            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm with running statistics in the ``batch_stats`` collection (PyTorch momentum 0.1)."""
+
+    affine: bool = True
+    epsilon: float = EPS
+    momentum: float = 0.1
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
+        bn = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=1.0 - self.momentum,
+            epsilon=self.epsilon,
+            use_scale=self.affine,
+            use_bias=self.affine,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            name="bn",
+        )
+        return bn(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def make_norm(
+    name: str,
+    *,
+    num_modalities: int = 2,
+    affine: bool = True,
+    num_groups: int = 4,
+    module_name: str | None = None,
+) -> nn.Module:
+    """Build a norm from MI-Seg's name (``instance_cond``, ``instance``, ``layer``, ``batch``, ``group``).
+
+    As in MI-Seg's CLI, ``affine`` defaults to True for every kind and is ignored by ``instance_cond``
+    (its tables are always learned).
+    """
+    kw = {"name": module_name}
+    if name == "instance_cond":
+        return ConditionalInstanceNorm(num_modalities=num_modalities, **kw)
+    if name == "instance":
+        return InstanceNorm(affine=affine, **kw)
+    if name == "layer":
+        return LayerNorm(affine=affine, **kw)
+    if name == "batch":
+        return BatchNorm(affine=affine, **kw)
+    if name == "group":
+        return GroupNorm(num_groups=num_groups, affine=affine, **kw)
+    raise ValueError(f"Unknown norm {name!r}; expected one of {NORM_NAMES}.")
