@@ -1,0 +1,1 @@
+"""Models: layers → blocks → nets (C-UNet, C-Swin-UNETR) and weight converters."""

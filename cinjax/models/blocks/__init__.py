@@ -1,0 +1,1 @@
+"""Blocks built from layers: MONAI-style residual units and UNETR blocks."""
