@@ -1,0 +1,49 @@
+r"""cinjax entry point.
+
+    python -m cinjax.main --config configs/demo.py --workdir /tmp/demo
+    python -m cinjax.main --config configs/mmwhs.py:unet --workdir runs/cunet \
+        --config.data.root=/data/MM-WHS --config.mode=train
+
+``config.mode``: ``train`` (train with periodic evaluation, then a final evaluation), ``eval`` (evaluate
+a checkpoint), ``predict`` (write NIfTI segmentations). Multi-host: set ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` or launch under SLURM / on a TPU pod (auto-detected).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # Must come before any other JAX call.
+    from cinjax import distributed
+
+    distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+    from cinjax import train
+
+    config = _CONFIG.value
+    logging.info("mode=%s workdir=%s", config.mode, _WORKDIR.value)
+    train.run(config, _WORKDIR.value)
+
+
+def run() -> None:
+    """Console-script entry point (``cinjax --config ... --workdir ...``)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,111 @@
+"""Pure train / predict step functions (jitted by the caller with explicit shardings).
+
+The train step never corrupts the state: if the loss or the gradient norm is not finite, the update is
+skipped (params, optimizer state and step stay as they were) and ``metrics["finite"]`` is 0, so the
+host can stop with the last good state intact and name the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[jax.Array, jax.Array], Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step (and checkpoints)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    model_state: Any  # non-param collections (e.g. batch_stats); {} for instance-norm models
+
+
+def create_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, sample: dict[str, jax.Array], seed: int
+) -> TrainState:
+    """Initialise params (fp32) and optimizer state from one sample batch."""
+    init_rng, rng = jax.random.split(jax.random.key(seed))
+    variables = model.init(init_rng, sample["image"], sample["modality"], train=False)
+    variables = flax.core.unfreeze(variables)
+    params = variables.pop("params")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(rng),
+        model_state=variables,
+    )
+
+
+def _loss_terms(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Losses may return a scalar or ``(scalar, {name: part})``."""
+    if isinstance(out, tuple):
+        return out[0], dict(out[1])
+    return out, {}
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch ``{"image", "label", "modality"}``."""
+    rng = jax.random.wrap_key_data(state.rng)
+    rng, dropout_rng = jax.random.split(rng)
+    dropout_rng = jax.random.fold_in(dropout_rng, state.step)
+    mutable = list(state.model_state.keys())
+
+    def compute_loss(params):
+        variables = {"params": params, **state.model_state}
+        out = model.apply(
+            variables,
+            batch["image"],
+            batch["modality"],
+            train=True,
+            rngs={"dropout": dropout_rng},
+            mutable=mutable or False,
+        )
+        logits, new_model_state = out if mutable else (out, {})
+        loss, parts = _loss_terms(loss_fn(logits.astype(jnp.float32), batch["label"]))
+        return loss, (parts, new_model_state)
+
+    (loss, (parts, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+        state.params
+    )
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = state.replace(
+        step=jnp.where(finite, state.step + 1, state.step),
+        params=keep_if_finite(new_params, state.params),
+        opt_state=keep_if_finite(new_opt_state, state.opt_state),
+        model_state=keep_if_finite(flax.core.unfreeze(new_model_state), state.model_state),
+        rng=jax.random.key_data(rng),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32), **parts}
+    return new_state, metrics
+
+
+def predict_logits(
+    variables: dict[str, Any], windows: jax.Array, modality: jax.Array, *, model: nn.Module
+) -> jax.Array:
+    """Logits (fp32) of a batch of windows, each with its own modality id."""
+    return model.apply(variables, windows, modality, train=False).astype(jnp.float32)
