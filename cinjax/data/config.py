@@ -1,0 +1,38 @@
+"""Default ``config.data`` section (the keys are documented in :mod:`cinjax.data.preprocess`)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cinjax.data.datalist import MMWHS_CLASS_NAMES, MMWHS_VALIDATION_IDS
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """MI-Seg's data setup: CT_fold1.json + MR.json under ``root``, 1 mm, min-max, ROI 96^3."""
+    c = ml_collections.ConfigDict()
+    c.root = ""
+    c.layout = "json"
+    c.json_lists = ("CT_fold1.json", "MR.json")
+    c.data_dirs = ()
+    c.modalities = {"CT": 0, "MR": 1}
+    c.mmwhs = ml_collections.ConfigDict({
+        "validation_ids": {k: tuple(v) for k, v in MMWHS_VALIDATION_IDS.items()},
+        "image_suffix": "image",
+        "label_suffix": "label",
+    })
+    c.label_codes = "identity"
+    c.num_classes = 8
+    c.class_names = MMWHS_CLASS_NAMES
+    c.spacing = (1.0, 1.0, 1.0)
+    c.roi = (96, 96, 96)
+    c.intensity = ml_collections.ConfigDict({
+        "mode": "minmax",
+        "window": (-175.0, 250.0),
+        "percentiles": (0.5, 99.5),
+    })
+    c.intensity_by_modality = ml_collections.ConfigDict()
+    c.affine_atol = 1e-3
+    c.cache_dir = ""
+    c.cache_fingerprint = "stat"
+    c.preprocess_workers = 2
+    return c

@@ -1,0 +1,514 @@
+"""Preprocess every volume once into the cache; invert the geometry of predictions.
+
+Per volume (MI-Seg's deterministic transforms 1–6, mi-seg-facts.md §6.4):
+
+1. load (float32 image, integer label mapped to class ids by ``data.label_codes``), with checks
+   (:mod:`cinjax.data.io`);
+2. reorient to RAS (nibabel ``as_closest_canonical`` / MONAI ``Orientationd("RAS")``);
+3. resample to ``data.spacing`` like MONAI ``Spacingd`` (defaults ``scale_extent=False``,
+   ``align_corners=False``, ``padding_mode="border"``, float64): the new affine keeps the direction
+   cosines with the target voxel size, output shape ``round((n - 1) * in_spacing / out_spacing) + 1``
+   (voxel *centres* of the first and last input voxel span the output) and, for axis-aligned grids,
+   output voxel 0 sits on input voxel 0; output voxel ``o`` samples the input at voxel coordinate
+   ``inv(A_in) @ A_out @ o`` (voxel centres, which is what ``align_corners=False`` with MONAI's
+   normalisation amounts to), trilinear for the image and nearest (round half to even) for the label,
+   coordinates clamped to the volume (border);
+4. intensity scaling of the image (``data.intensity``; default per-volume min–max to [0, 1]);
+5. symmetric constant-0 padding to at least ``data.roi``;
+6. write a cache entry (:func:`cinjax.data.cache.write_entry`) whose metadata holds everything needed to
+   invert steps 2–5 (:func:`invert_to_original`).
+
+Arrays in the cache are indexed in RAS voxel order (axes x, y, z after reorientation): MONAI's
+channel-first layout without the channel, i.e. exactly what MI-Seg's networks saw as (D, H, W).
+
+Entries live in ``<cache_dir>/<modality>/<file name>-<hash>``; the hash covers the source files (size +
+mtime, or their bytes with ``cache_fingerprint="content"``) and every setting that changes the result,
+so a changed source or setting makes a new entry and an unchanged one is reused without re-reading.
+
+``config.data`` keys (defaults in :func:`cinjax.data.config.default_data_config`):
+
+=========================  ==========================================================================
+``root``                   dataset directory; datalist paths resolve against it
+``layout``                 ``"json"`` (MI-Seg / Decathlon datalists) or ``"mmwhs"`` (folder layout)
+``json_lists``             datalist files, e.g. ``("CT_fold1.json", "MR.json")`` (layout json)
+``data_dirs``              one sub-directory of ``root`` per datalist (MI-Seg ``--data_dirs``), or ``()``
+``modalities``             name -> id, ids 0..M-1, e.g. ``{"CT": 0, "MR": 1}``
+``mmwhs.validation_ids``   name -> ids held out for validation (layout mmwhs)
+``mmwhs.image_suffix``     ``"image"`` (or e.g. ``"image_corrected"``); ``mmwhs.label_suffix`` likewise
+``label_codes``            ``"identity"`` (labels already 0..C-1), ``"mmwhs"`` (500, 600, 420, 550, 205,
+                           820, 850 -> 1..7) or a ``{code: class}`` map; 0 is background
+``num_classes``            classes including background (8 for MM-WHS)
+``class_names``            one name per class
+``spacing``                target voxel size in mm (x, y, z) after RAS; ``()`` keeps the native grid
+``roi``                    training crop size; volumes are padded to at least this
+``intensity.mode``         ``"minmax"`` | ``"window"`` (clip to ``intensity.window`` then scale to [0, 1],
+                           e.g. a CT HU window) | ``"percentile"`` (clip to ``intensity.percentiles``
+                           then scale) | ``"zscore"`` | ``"none"``
+``intensity_by_modality``  name -> overrides of ``intensity`` for one modality, e.g.
+                           ``{"CT": {"mode": "window"}}``
+``affine_atol``            largest accepted image/label affine difference (mm)
+``cache_dir``              where entries go (default ``~/.cache/cinjax/volumes``)
+``cache_fingerprint``      ``"stat"`` (size + mtime) or ``"content"`` (sha256 of the file bytes)
+``preprocess_workers``     processes for preprocessing / verify (0 or 1: in this process)
+=========================  ==========================================================================
+
+Background crop candidates are voxels with label 0 and image > 0 (MI-Seg's ``image_threshold=0``),
+which suits the [0, 1] scalings; with ``zscore`` they cover only above-mean voxels.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import tqdm
+
+from cinjax.data import cache
+from cinjax.data.datalist import (SPLITS, Entry, check_modalities, collect_entries, label_code_map,
+                                  load_entries, modality_names)
+from cinjax.data.io import DataError, Geometry, check_pair, load_image, load_label, map_label_codes
+
+VERSION = 1  # bump when the preprocessing output changes for the same settings
+_RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
+_AFFINE_TOL = 1e-4  # MONAI's AFFINE_TOL: below this a resampling is skipped
+
+
+# ----------------------------------------------------------------------------------------- geometry
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reorient to the closest RAS voxel order -> (array, new affine, ornt used)."""
+    ornt = nib.orientations.io_orientation(affine)
+    out = nib.orientations.apply_orientation(array, ornt)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
+    return np.ascontiguousarray(out), new_affine, ornt
+
+
+def from_ras(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Undo :func:`to_ras` given the ``ornt`` it returned."""
+    back = nib.orientations.ornt_transform(_RAS, np.asarray(ornt, np.float64))
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
+
+
+def _zoom_affine(affine: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """MONAI ``zoom_affine(diagonal=False)``: keep the rotation, set the voxel size, drop shear/shift."""
+    rzs = affine[:3, :3]
+    zs = np.linalg.cholesky(rzs.T @ rzs).T
+    rotation = rzs @ np.linalg.inv(zs)
+    out = np.eye(4)
+    out[:3, :3] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(np.asarray(spacing, np.float64)))
+    return out
+
+
+def resampled_grid(affine: np.ndarray, shape: Sequence[int],
+                   spacing: Sequence[float]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape of MONAI ``Spacing(pixdim=spacing)`` output (``compute_shape_offset``)."""
+    shape_f = np.asarray(shape, np.float64)
+    new = _zoom_affine(affine, spacing)
+    corners = np.asarray(np.meshgrid(*[(0.0, n - 1.0) for n in shape_f], indexing="ij")).reshape(3, -1)
+    corners = np.concatenate([corners, np.ones((1, corners.shape[1]))])
+    out_corners = np.linalg.solve(new, affine) @ corners
+    all_dist = out_corners[:-1].copy()
+    out_shape = np.round(np.ptp(out_corners[:-1] / out_corners[-1], axis=1) + 1.0)
+    world = affine @ corners
+    offset = None
+    for i in range(corners.shape[1]):
+        if np.allclose(np.min(all_dist - all_dist[:, i:i + 1], 1), 0.0, rtol=_AFFINE_TOL):
+            offset = world[:-1, i]
+            break
+    if offset is None:  # no corner is the minimum on every axis: centre-align (MONAI's fallback)
+        offset = affine[:3, :3] @ (shape_f / 2.0) + affine[:3, 3] - new[:3, :3] @ (out_shape / 2.0)
+    new[:3, 3] = offset
+    return new, tuple(int(s) for s in out_shape)
+
+
+def resample(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+             dst_shape: Sequence[int], mode: str) -> np.ndarray:
+    """Sample ``array`` (grid ``src_affine``) on the grid (``dst_affine``, ``dst_shape``).
+
+    ``mode`` is ``"linear"`` (trilinear, float64 maths, float32 out) or ``"nearest"`` (round half to
+    even, dtype kept). Coordinates outside the volume are clamped to it (MONAI ``padding_mode="border"``).
+    """
+    xform = np.linalg.solve(src_affine, dst_affine)
+    dst_shape = tuple(int(s) for s in dst_shape)
+    if np.allclose(xform, np.eye(4), atol=_AFFINE_TOL) and dst_shape == tuple(array.shape):
+        return array.astype(np.float32 if mode == "linear" else array.dtype, copy=True)
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"resample mode {mode!r}: expected 'linear' or 'nearest'.")
+    src_shape = array.shape
+    if np.allclose(xform[:3, :3], np.diag(np.diag(xform[:3, :3])), atol=1e-12):
+        # Axis-aligned: separable per-axis sampling (exactly trilinear / nearest, much faster).
+        out = np.asarray(array, np.float64 if mode == "linear" else array.dtype)
+        for ax in range(3):
+            coords = np.clip(xform[ax, ax] * np.arange(dst_shape[ax]) + xform[ax, 3], 0, src_shape[ax] - 1)
+            if mode == "nearest":
+                out = np.take(out, np.rint(coords).astype(np.int64), axis=ax)
+            else:
+                lo = np.floor(coords).astype(np.int64)
+                hi = np.minimum(lo + 1, src_shape[ax] - 1)
+                w = (coords - lo).reshape([-1 if a == ax else 1 for a in range(3)])
+                out = np.take(out, lo, axis=ax) * (1.0 - w) + np.take(out, hi, axis=ax) * w
+        return out.astype(np.float32) if mode == "linear" else out
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in dst_shape], indexing="ij"))
+    coords = np.einsum("ij,j...->i...", xform[:3, :3], grid) + xform[:3, 3].reshape(3, 1, 1, 1)
+    for ax in range(3):
+        coords[ax] = np.clip(coords[ax], 0, src_shape[ax] - 1)
+    if mode == "nearest":
+        idx = np.rint(coords).astype(np.int64)
+        return array[idx[0], idx[1], idx[2]]
+    from scipy import ndimage  # general (sheared) grids only
+    return ndimage.map_coordinates(np.asarray(array, np.float64), coords, order=1,
+                                   mode="nearest").astype(np.float32)
+
+
+def pad_amounts(shape: Sequence[int], roi: Sequence[int]) -> list[tuple[int, int]]:
+    """Symmetric padding to at least ``roi`` (MONAI ``SpatialPad`` ``method="symmetric"``)."""
+    out = []
+    for n, r in zip(shape, roi):
+        extra = max(int(r) - int(n), 0)
+        out.append((extra // 2, extra - extra // 2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- intensity
+
+
+def intensity_settings(data: Any, modality_name: str) -> dict[str, Any]:
+    """``data.intensity`` with the overrides of ``data.intensity_by_modality[modality_name]``."""
+    base = dict(data.intensity)
+    over = dict(data.intensity_by_modality).get(modality_name)
+    if over:
+        base.update(dict(over))
+    out = {"mode": str(base["mode"]), "window": [float(v) for v in base["window"]],
+           "percentiles": [float(v) for v in base["percentiles"]]}
+    if out["mode"] not in ("minmax", "window", "percentile", "zscore", "none"):
+        raise DataError(f"intensity mode {out['mode']!r} for {modality_name}: expected minmax, window, "
+                        "percentile, zscore or none.")
+    return out
+
+
+def _rescale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:  # constant volume: MONAI ScaleIntensity gives zeros
+        return np.zeros_like(x)
+    return (x - lo) / (hi - lo)
+
+
+def scale_intensity(image: np.ndarray, settings: Mapping[str, Any]) -> np.ndarray:
+    """Scale a float32 image per ``settings`` (see the module docstring); float32 out."""
+    x = np.asarray(image, np.float32)
+    mode = settings["mode"]
+    if mode == "minmax":
+        out = _rescale(x, float(x.min()), float(x.max()))
+    elif mode == "window":
+        a, b = settings["window"]
+        out = _rescale(np.clip(x, a, b), a, b)
+    elif mode == "percentile":
+        a, b = np.percentile(x, settings["percentiles"])
+        out = _rescale(np.clip(x, a, b), float(a), float(b))
+    elif mode == "zscore":
+        std = float(x.std())
+        out = (x - x.mean()) / (std if std > 0 else 1.0)
+    else:
+        out = x
+    return np.asarray(out, np.float32)
+
+
+# ------------------------------------------------------------------------------- one volume, checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One unique volume to check or preprocess (picklable for the process pool)."""
+
+    entry: Entry
+    modality_name: str
+    needs_foreground: bool
+    codes: dict[int, int]
+    affine_atol: float
+    spacing: tuple[float, ...]
+    roi: tuple[int, int, int]
+    intensity: dict[str, Any]
+    fingerprint: str = "stat"
+
+    def settings(self) -> dict[str, Any]:
+        return {"version": VERSION, "modality": self.entry.modality, "codes": sorted(self.codes.items()),
+                "spacing": list(self.spacing), "roi": list(self.roi), "intensity": self.intensity}
+
+
+def check_volume(task: Task) -> list[str]:
+    """Every problem of one volume (each message names the file); empty if it is usable."""
+    e = task.entry
+    problems = []
+    image_geom = label = label_geom = None
+    try:
+        _, image_geom = load_image(e.image)
+    except DataError as err:
+        problems.append(str(err))
+    if e.label is not None:
+        try:
+            raw, label_geom = load_label(e.label)
+            label = map_label_codes(raw, task.codes, e.label)
+        except DataError as err:
+            problems.append(str(err))
+    if image_geom is not None and label_geom is not None:
+        try:
+            check_pair(e.image, image_geom, e.label, label_geom, task.affine_atol)
+        except DataError as err:
+            problems.append(str(err))
+    if label is not None and task.needs_foreground and not (label > 0).any():
+        problems.append(f"{e.label}: label has no foreground voxels; a training volume needs at least one "
+                        "labelled voxel (remove it from the training list or fix the label).")
+    return problems
+
+
+def preprocess_volume(task: Task) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Load, check, reorient, resample, scale and pad one volume -> (image, label | None, meta)."""
+    e = task.entry
+    problems = check_volume(task)
+    if problems:
+        raise DataError("\n".join(problems))
+    image, geom = load_image(e.image)
+    label = None
+    if e.label is not None:
+        raw, _ = load_label(e.label)
+        label = map_label_codes(raw, task.codes, e.label)
+    image, ras_affine, ornt = to_ras(image, geom.affine)
+    if label is not None:
+        label, _, _ = to_ras(label, geom.affine)
+    ras_shape = tuple(image.shape)
+    if task.spacing:
+        res_affine, res_shape = resampled_grid(ras_affine, ras_shape, task.spacing)
+    else:
+        res_affine, res_shape = ras_affine, ras_shape
+    image = resample(image, ras_affine, res_affine, res_shape, "linear")
+    if label is not None:
+        label = resample(label, ras_affine, res_affine, res_shape, "nearest")
+        if task.needs_foreground and not (label > 0).any():
+            raise DataError(f"{e.label}: no foreground voxel is left after resampling to {task.spacing} mm; "
+                            "use a finer data.spacing or drop the volume from the training list.")
+    image = scale_intensity(image, task.intensity)
+    pads = pad_amounts(res_shape, task.roi)
+    image = np.pad(image, pads)
+    if label is not None:
+        label = np.pad(label, pads)
+    final_affine = res_affine.copy()
+    final_affine[:3, 3] -= res_affine[:3, :3] @ np.array([p[0] for p in pads], np.float64)
+    meta = {
+        "source": {"image": e.image, "label": e.label},
+        "modality_name": task.modality_name,
+        "settings": task.settings(),
+        "original": geom.to_json(),
+        "ornt": np.asarray(ornt).tolist(),
+        "ras": {"affine": ras_affine.tolist(), "shape": list(ras_shape)},
+        "resampled": {"affine": res_affine.tolist(), "shape": list(res_shape)},
+        "pad": [list(p) for p in pads],
+        "affine": final_affine.tolist(),
+        "spacing": list(Geometry(final_affine, image.shape).spacing),
+    }
+    return image, label, meta
+
+
+def invert_to_original(pred_label: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
+    """Undo padding, resampling (nearest) and reorientation of a cached-grid label map.
+
+    ``pred_label`` has the cache entry's shape (``meta["shape"]``); the result has the source file's
+    voxel grid, so it can be written with ``meta["original"]["affine"]`` (see :func:`original_affine`).
+    """
+    pred = np.asarray(pred_label)
+    if tuple(pred.shape) != tuple(meta["shape"]):
+        raise ValueError(f"prediction shape {pred.shape} != cached volume shape {tuple(meta['shape'])} "
+                         f"of {meta['source']['image']}.")
+    pads = meta["pad"]
+    res_shape = meta["resampled"]["shape"]
+    pred = pred[tuple(slice(p[0], p[0] + n) for p, n in zip(pads, res_shape))]
+    pred = resample(pred, np.asarray(meta["resampled"]["affine"]), np.asarray(meta["ras"]["affine"]),
+                    meta["ras"]["shape"], "nearest")
+    return from_ras(pred, np.asarray(meta["ornt"]))
+
+
+def original_affine(meta: Mapping[str, Any]) -> np.ndarray:
+    """The source file's affine (write :func:`invert_to_original` output with it)."""
+    return np.asarray(meta["original"]["affine"], np.float64)
+
+
+# ------------------------------------------------------------------------------------ cache, prepare
+
+
+def _fingerprint(path: str | None, how: str) -> Any:
+    if path is None:
+        return None
+    if how == "content":
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return [os.path.abspath(path), h.hexdigest()]
+    if how != "stat":
+        raise DataError(f"data.cache_fingerprint={how!r}: expected 'stat' or 'content'.")
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def entry_hash(task: Task) -> str:
+    """Hash of the source files and every setting that changes the cached result."""
+    doc = {"image": _fingerprint(task.entry.image, task.fingerprint),
+           "label": _fingerprint(task.entry.label, task.fingerprint),
+           "settings": task.settings()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_path(cache_dir: str, task: Task, digest: str) -> str:
+    return os.path.join(cache_dir, task.modality_name, f"{task.entry.name}-{digest[:16]}")
+
+
+def _prepare_one(args: tuple[Task, str]) -> tuple[cache.VolumeRecord | None, bool, str | None]:
+    """(record, written?, error) for one task; never raises for a bad input."""
+    task, cache_dir = args
+    try:
+        if any(p is not None and not os.path.exists(p) for p in (task.entry.image, task.entry.label)):
+            return None, False, "\n".join(check_volume(task))
+        digest = entry_hash(task)
+        path = _cache_path(cache_dir, task, digest)
+        if os.path.exists(os.path.join(path, cache.META)):
+            try:
+                if cache.read_meta(path).get("hash") == digest:
+                    return cache.load_record(path), False, None
+            except (OSError, ValueError):
+                pass  # unreadable meta: rebuild the entry
+        image, label, meta = preprocess_volume(task)
+        meta["hash"] = digest
+        key = f"{task.modality_name}/{task.entry.name}"
+        record = cache.write_entry(path, key=key, modality=task.entry.modality, image=image, label=label,
+                                   meta=meta)
+        return record, True, None
+    except DataError as e:
+        return None, False, str(e)
+
+
+def _data_section(config: Any) -> Any:
+    return config.data if "data" in config else config
+
+
+def make_tasks(data: Any, splits: Sequence[str], problems: list[str] | None = None) -> list[Task]:
+    """One task per unique (image, label, modality) of the given splits, in datalist order."""
+    modalities = check_modalities(data.modalities)
+    names = modality_names(modalities)
+    codes = label_code_map(data.label_codes, int(data.num_classes))
+    entries = collect_entries(data, problems) if problems is not None else load_entries(data)
+    tasks: dict[tuple, Task] = {}
+    for split in splits:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}.")
+        for e in entries[split]:
+            key = (e.image, e.label, e.modality)
+            fg = split == "training"
+            if key in tasks:
+                if fg and not tasks[key].needs_foreground:
+                    tasks[key] = dataclasses.replace(tasks[key], needs_foreground=True)
+                continue
+            tasks[key] = Task(
+                entry=e, modality_name=names[e.modality], needs_foreground=fg, codes=codes,
+                affine_atol=float(data.affine_atol), spacing=tuple(float(s) for s in data.spacing),
+                roi=tuple(int(r) for r in data.roi), intensity=intensity_settings(data, names[e.modality]),
+                fingerprint=str(data.cache_fingerprint))
+    return list(tasks.values())
+
+
+def _run(fn, items: list, workers: int, desc: str, progress: bool) -> list:
+    """``map(fn, items)`` in order, on a spawn-context process pool when ``workers > 1``."""
+    bar = tqdm.tqdm(total=len(items), desc=desc, unit="vol", disable=not progress, dynamic_ncols=True)
+    try:
+        if workers <= 1 or len(items) <= 1:
+            out = []
+            for item in items:
+                out.append(fn(item))
+                bar.update()
+            return out
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            for f in concurrent.futures.as_completed(futures):
+                bar.update()
+            return [f.result() for f in futures]
+    finally:
+        bar.close()
+
+
+def cache_dir_of(data: Any) -> str:
+    return os.path.abspath(os.path.expanduser(data.cache_dir or "~/.cache/cinjax/volumes"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    """Cached volumes ready for the loader: ``records[split][modality name]`` (every configured
+    modality has a list, possibly empty), in datalist order."""
+
+    records: dict[str, dict[str, list[cache.VolumeRecord]]]
+    modalities: dict[str, int]
+    label_codes: dict[int, int]
+    num_classes: int
+    class_names: tuple[str, ...]
+    cache_dir: str
+    written: int = 0  # entries (re)built by this call; the rest were reused
+
+    @property
+    def modality_names(self) -> dict[int, str]:
+        return modality_names(self.modalities)
+
+    def all_records(self, split: str) -> list[cache.VolumeRecord]:
+        """Every record of a split, modality by modality (ids ascending)."""
+        by_name = self.records[split]
+        return [r for name in sorted(by_name, key=self.modalities.get) for r in by_name[name]]
+
+
+def prepare(config: Any, splits: Sequence[str] = ("training", "validation"), *, progress: bool = True,
+            workers: int | None = None) -> PreparedData:
+    """Preprocess (or reuse from the cache) every volume of ``splits``; raise listing all bad volumes.
+
+    ``config`` is the full config (with a ``data`` section) or the data section itself.
+    """
+    data = _data_section(config)
+    modalities = check_modalities(data.modalities)
+    tasks = make_tasks(data, splits)
+    cache_dir = cache_dir_of(data)
+    workers = int(data.preprocess_workers if workers is None else workers)
+    results = _run(_prepare_one, [(t, cache_dir) for t in tasks], workers, "preprocess", progress)
+    errors = [err for _, _, err in results if err]
+    if errors:
+        raise DataError(f"{len(errors)} bad volume(s); nothing was cached for them:\n" + "\n".join(errors))
+    by_key = {(t.entry.image, t.entry.label, t.entry.modality): rec for t, (rec, _, _) in zip(tasks, results)}
+    entries = load_entries(data)
+    names = modality_names(modalities)
+    records: dict[str, dict[str, list[cache.VolumeRecord]]] = {}
+    for split in splits:
+        records[split] = {name: [] for name in modalities}
+        for e in entries[split]:
+            records[split][names[e.modality]].append(by_key[(e.image, e.label, e.modality)])
+    return PreparedData(
+        records=records, modalities=modalities,
+        label_codes=label_code_map(data.label_codes, int(data.num_classes)),
+        num_classes=int(data.num_classes), class_names=tuple(data.class_names), cache_dir=cache_dir,
+        written=sum(1 for _, w, _ in results if w))
+
+
+def verify(config: Any, splits: Sequence[str] = SPLITS, *, progress: bool = True,
+           workers: int | None = None) -> list[str]:
+    """Every problem of every datalist and volume (messages name the file); empty when all is well."""
+    data = _data_section(config)
+    problems: list[str] = []
+    try:
+        tasks = make_tasks(data, splits, problems)
+    except DataError as e:
+        return problems + [str(e)]
+    workers = int(data.preprocess_workers if workers is None else workers)
+    for found in _run(check_volume, tasks, workers, "verify", progress):
+        problems.extend(found)
+    return problems
