@@ -1,0 +1,282 @@
+"""Checkpointing: state + data-iterator roundtrips, latest vs best, resharding, crash safety, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cinjax.checkpointing import (
+    CheckpointNotFoundError,
+    Checkpointer,
+    PreemptionFlag,
+    WorkdirError,
+    check_workdir_writable,
+    restore_params_only,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _make_state(seed: int = 0) -> dict:
+    """A train-state pytree like the trainer's: params, AdamW state, step, typed PRNG key."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 2, 4)), jnp.float32)},
+        "head": {"kernel": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32),
+                 "bias": jnp.zeros((3,), jnp.float32)},
+    }
+    tx = optax.adamw(1e-3, weight_decay=1e-2)
+    opt_state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, opt_state = tx.update(grads, opt_state, params)  # non-trivial mu / nu / count
+    return {"params": params, "opt_state": opt_state, "step": jnp.asarray(7, jnp.int32),
+            "rng": jax.random.key(seed)}
+
+
+def _abstract(tree, sharding_fn=None):
+    sharding_fn = sharding_fn or (lambda path, x: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    shapes = jax.eval_shape(lambda: tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_fn(path, x)), shapes)
+
+
+def _assert_tree_equal(a, b):
+    def unwrap(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return np.asarray(jax.random.key_data(x))
+        return np.asarray(x)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(unwrap(x), unwrap(y))
+
+
+def _iterator(seed: int = 3):
+    return iter(grain.MapDataset.range(40).shuffle(seed=seed).to_iter_dataset())
+
+
+@pytest.fixture(scope="module")
+def state():
+    return _make_state()
+
+
+def test_roundtrip_adamw_state_step_rng(tmp_path, state):
+    with Checkpointer(tmp_path, config_hash="abc") as ckpt:
+        assert ckpt.restore_latest(_abstract(state)) is None
+        assert ckpt.save(7, state, metrics={"loss": 0.5, "bad": float("nan")})
+        ckpt.wait()
+        step, restored = ckpt.restore_latest(_abstract(state))
+        meta = ckpt.metadata()
+    assert step == 7
+    _assert_tree_equal(restored, state)
+    assert isinstance(restored["opt_state"][0], optax.ScaleByAdamState)
+    assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
+    # The restored key continues the same random stream.
+    np.testing.assert_array_equal(jax.random.normal(restored["rng"], (4,)),
+                                  jax.random.normal(state["rng"], (4,)))
+    assert meta["config_hash"] == "abc" and meta["step"] == 7
+    assert meta["metrics"] == {"loss": 0.5, "bad": None}
+
+
+def test_latest_and_best_are_kept_separately(tmp_path, state):
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        for step in (1, 2, 3, 4):
+            assert ckpt.save(step, state)
+        assert ckpt.save_best(2, state, dice=0.8)
+        assert not ckpt.save_best(3, state, dice=float("nan"))
+        assert not ckpt.save_best(4, state, dice=0.5)  # worse: the best stays at step 2
+        ckpt.wait()
+        assert ckpt.latest_step() == 4 and ckpt.best_step() == 2
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["3", "4"]
+    assert os.listdir(tmp_path / "checkpoints" / "best") == ["2"]
+    # A new process sees the same and remembers the best Dice, so a worse eval never replaces it.
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        assert ckpt.best_dice == pytest.approx(0.8)
+        assert not ckpt.save_best(5, state, dice=0.79)
+        assert ckpt.save_best(6, state, dice=0.9)
+        ckpt.wait()
+        step, best = ckpt.restore_best(_abstract(state))
+    assert step == 6
+    _assert_tree_equal(best, state)
+    assert os.listdir(tmp_path / "checkpoints" / "best") == ["6"]
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["3", "4"]
+
+
+def test_save_interval_force_and_duplicates(tmp_path, state):
+    with Checkpointer(tmp_path, save_every_steps=5, async_save=False) as ckpt:
+        assert not ckpt.save(3, state)
+        assert ckpt.save(5, state)
+        assert not ckpt.save(5, state, force=True)  # already on disk: no error, no rewrite
+        assert ckpt.save(6, state, force=True)
+        assert ckpt.latest_step() == 6
+
+
+def test_data_iterator_state_roundtrip_with_async_save(tmp_path, state):
+    it = _iterator()
+    seen = [next(it) for _ in range(5)]
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(5, state, data_iter=it)
+        # The loop keeps consuming while the async write runs; the saved position is the one at save().
+        expected = [next(it) for _ in range(8)]
+        ckpt.wait()
+        assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(tmp_path / "checkpoints" / "latest"))
+    fresh = _iterator()
+    with Checkpointer(tmp_path) as ckpt:
+        step, _ = ckpt.restore_latest(_abstract(state), data_iter=fresh)
+    assert step == 5
+    assert [next(fresh) for _ in range(8)] == expected
+    assert sorted(seen + expected) != list(range(13))  # the shuffle is real, so order matters
+
+
+def test_restore_onto_8_device_mesh(tmp_path, state):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = NamedSharding(mesh, P())
+    data_sharded = NamedSharding(mesh, P("data"))
+
+    def sharding_fn(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        return data_sharded if keys[-2:] == ["head", "kernel"] else replicated
+
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)
+        step, restored = ckpt.restore_latest(_abstract(state, sharding_fn))
+    assert step == 1
+    _assert_tree_equal(restored, state)
+    head = restored["params"]["head"]["kernel"]
+    assert head.sharding == data_sharded
+    assert {s.data.shape for s in head.addressable_shards} == {(2, 3)}
+    assert restored["params"]["conv"]["kernel"].sharding == replicated
+    assert restored["opt_state"][0].mu["head"]["kernel"].sharding == data_sharded
+
+    params = restore_params_only(tmp_path, _abstract(state["params"], sharding_fn), prefer="latest")
+    _assert_tree_equal(params, state["params"])
+    assert params["head"]["kernel"].sharding == data_sharded
+
+
+def test_restore_params_only_sources(tmp_path, state):
+    workdir = tmp_path / "run"
+    with Checkpointer(workdir, async_save=False) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, jax.tree.map(lambda x: x, _make_state(seed=1)))
+        ckpt.save_best(1, {"params": state["params"]}, dice=0.7)
+    latest_params = _make_state(seed=1)["params"]
+    for path, kwargs, expected in [
+        (workdir, {}, state["params"]),  # workdir → best by default
+        (workdir, {"prefer": "latest"}, latest_params),
+        (workdir / "checkpoints" / "latest", {}, latest_params),  # manager dir → newest step
+        (workdir / "checkpoints" / "latest" / "1", {}, state["params"]),  # one step dir
+    ]:
+        params = restore_params_only(path, **kwargs)
+        assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+        _assert_tree_equal(params, jax.tree.map(np.asarray, expected))
+    # A converted-weights directory: params written by orbax under DIR/params.
+    converted = tmp_path / "converted"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(converted / "params", state["params"])
+    checkpointer.wait_until_finished()
+    _assert_tree_equal(restore_params_only(converted), jax.tree.map(np.asarray, state["params"]))
+    with pytest.raises(CheckpointNotFoundError, match="No checkpoint found"):
+        restore_params_only(tmp_path)
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        restore_params_only(tmp_path / "missing")
+
+
+_CRASH_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from orbax.checkpoint._src.path import async_path
+    from cinjax.checkpointing import Checkpointer
+
+    workdir = sys.argv[1]
+    ckpt = Checkpointer(workdir)
+    ckpt.save(1, {"w": np.full((64, 64), 1.0, np.float32)})
+    ckpt.wait()
+
+    original_rename = async_path.rename
+
+    async def rename_then_die(src, dst):
+        # Step 2 is fully written to its tmp dir; die right before the commit rename.
+        if os.path.basename(str(dst)) == "2":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await original_rename(src, dst)
+
+    async_path.rename = rename_then_die
+    ckpt.save(2, {"w": np.full((64, 64), 2.0, np.float32)})
+    ckpt.wait()
+    """
+)
+
+
+def test_sigkill_mid_save_keeps_newest_complete_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _CRASH_CHILD, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    latest_dir = tmp_path / "checkpoints" / "latest"
+    leftovers = [n for n in os.listdir(latest_dir) if n.startswith("2.orbax-checkpoint-tmp")]
+    assert leftovers, os.listdir(latest_dir)  # the kill really happened mid-save
+
+    abstract = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32,
+                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        assert ckpt.latest_step() == 1
+        step, restored = ckpt.restore_latest(abstract)
+        assert step == 1
+        np.testing.assert_array_equal(restored["w"], np.full((64, 64), 1.0, np.float32))
+        # The step can be saved again, and the half-written tmp dir is cleaned up (before the save).
+        assert ckpt.save(2, {"w": np.full((64, 64), 2.0, np.float32)})
+        assert ckpt.latest_step() == 2
+    assert sorted(os.listdir(latest_dir)) == ["1", "2"]
+
+
+def test_workdir_preflight(tmp_path):
+    assert check_workdir_writable(tmp_path / "new" / "dir", min_free_bytes=1) > 0
+    assert os.path.isdir(tmp_path / "new" / "dir")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(WorkdirError, match="Cannot create workdir"):
+        check_workdir_writable(blocker / "sub")
+    with pytest.raises(WorkdirError, match="not a directory"):
+        check_workdir_writable(blocker)
+    if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses regular files
+        read_only = "/sys/fs"
+    else:
+        read_only = tmp_path / "read_only"
+        read_only.mkdir()
+        read_only.chmod(0o500)
+    with pytest.raises(WorkdirError, match="is not writable"):
+        check_workdir_writable(read_only)
+    with pytest.raises(WorkdirError, match="GiB free"):
+        check_workdir_writable(tmp_path, min_free_bytes=1 << 62)
+
+
+def test_preemption_flag_from_signals():
+    before_term = signal.getsignal(signal.SIGTERM)
+    before_int = signal.getsignal(signal.SIGINT)
+    with PreemptionFlag() as flag:
+        assert not flag.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.is_set and flag.should_stop(2)
+        assert flag.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C after a stop request: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before_term
+    assert signal.getsignal(signal.SIGINT) is before_int
+
+    with PreemptionFlag(signals=(signal.SIGINT,)) as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.should_stop(1) and flag.signal_name == "SIGINT"
