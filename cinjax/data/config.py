@@ -20,7 +20,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         "image_suffix": "image",
         "label_suffix": "label",
     })
-    c.label_codes = "identity"
+    # "identity" | "mmwhs" | {code: class}: a reference typed `object` so a config may assign any of them.
+    c.label_codes = ml_collections.FieldReference("identity", field_type=object)
     c.num_classes = 8
     c.class_names = MMWHS_CLASS_NAMES
     c.spacing = (1.0, 1.0, 1.0)

@@ -57,7 +57,7 @@ def _open(path: str, what: str) -> nib.Nifti1Image:
         img = nib.load(path)
     except Exception as e:  # nibabel raises several types for unreadable headers
         raise DataError(f"{path}: cannot read the {what} as NIfTI ({type(e).__name__}: {e}). "
-                        "The file is corrupt or not a NIfTI file; re-export or re-download it.") from e
+                        "The file is corrupt, truncated or not NIfTI; re-export or re-download it.") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{path}: {what} is a {type(img).__name__}, expected a NIfTI (.nii / .nii.gz) file.")
     return img
