@@ -77,7 +77,9 @@ def dense_windows(
     return [(d, h, w) for d in per_axis[0] for h in per_axis[1] for w in per_axis[2]]
 
 
-def importance_map(roi: int | Sequence[int], blend: Blend = "constant", sigma_scale: float = 0.125) -> np.ndarray:
+def importance_map(
+    roi: int | Sequence[int], blend: Blend = "constant", sigma_scale: float = 0.125
+) -> np.ndarray:
     """Per-voxel weight of a window's prediction (fp32, shape ``roi``), as MONAI 1.6 computes it.
 
     ``"gaussian"``: the product over axes of ``exp(-x^2 / (2 sigma^2))`` with ``x`` measured from the
@@ -120,9 +122,13 @@ def _accumulate(
 
 
 @partial(jax.jit, static_argnums=(2, 3))
-def _normalise(out: jax.Array, count: jax.Array, pads: tuple[tuple[int, int], ...], shape: Triple) -> jax.Array:
-    out = out / count[..., None]
-    return lax.slice(out, (pads[0][0], pads[1][0], pads[2][0], 0), (*(p[0] + s for p, s in zip(pads, shape)), out.shape[-1]))
+def _normalise(
+    out: jax.Array, count: jax.Array, pads: tuple[tuple[int, int], ...], shape: Triple
+) -> jax.Array:
+    """Divide by the summed window weights and crop the padding away."""
+    lo = tuple(p[0] for p in pads)
+    hi = tuple(a + s for a, s in zip(lo, shape))
+    return lax.slice(out / count[..., None], (*lo, 0), (*hi, out.shape[-1]))
 
 
 def _check_mesh(mesh: Mesh, windows_per_call: int) -> None:
@@ -185,48 +191,73 @@ def sliding_window_inference(
     else:
         put_batch = partial(jax.device_put, device=NamedSharding(mesh, P("data")))
         put_volume = partial(jax.device_put, device=NamedSharding(mesh, P()))
-    if stitch_on_host:
-        volume = np.pad(np.asarray(image), (*pads, (0, 0)), constant_values=pad_value)
+    pad_width = (*pads, (0, 0))
+    if isinstance(image, np.ndarray) or stitch_on_host:
+        volume = np.pad(np.asarray(image), pad_width, constant_values=pad_value)
     else:
-        volume = put_volume(jnp.pad(jnp.asarray(image), (*pads, (0, 0)), constant_values=pad_value))
-        weight_dev = put_volume(jnp.asarray(weight))
+        volume = jnp.pad(image, pad_width, constant_values=pad_value)
+    if not stitch_on_host:
+        volume = put_volume(volume)
+        weight_dev = put_volume(weight)
     modality_ids = put_batch(np.full((windows_per_call,), modality, np.int32))
 
-    out = None
+    def window(v, start):
+        d, h, w = start
+        return v[d : d + roi[0], h : h + roi[1], w : w + roi[2]]
+
+    out, pending = None, None
     for first in range(0, len(starts), windows_per_call):
         chunk = starts[first : first + windows_per_call]
         n_valid = len(chunk)
         chunk = np.concatenate([chunk, np.repeat(chunk[:1], windows_per_call - n_valid, axis=0)])
         if stitch_on_host:
-            windows = np.stack([volume[d : d + roi[0], h : h + roi[1], w : w + roi[2]] for d, h, w in chunk])
-            logits = predict_fn(put_batch(windows), modality_ids)
+            windows = put_batch(np.stack([window(volume, s) for s in chunk]))
         else:
-            chunk_dev = put_volume(chunk)
-            logits = predict_fn(put_batch(_extract(volume, chunk_dev, roi)), modality_ids)
+            chunk = put_volume(chunk)
+            windows = put_batch(_extract(volume, chunk, roi))
+        logits = predict_fn(windows, modality_ids)
         if out is None:
-            expected = (windows_per_call, *roi)
-            if logits.ndim != 5 or tuple(logits.shape[:4]) != expected:
-                raise ValueError(
-                    f"predict_fn must map windows {(*expected, image.shape[-1])} to logits "
-                    f"{(*expected, 'K')} (same spatial size, channels last); got {tuple(logits.shape)}."
-                )
-            if num_classes is not None and logits.shape[-1] != num_classes:
-                raise ValueError(f"predict_fn returned {logits.shape[-1]} classes, expected num_classes={num_classes}.")
-            k = int(logits.shape[-1])
-            out = np.zeros((*padded_shape, k), np.float32) if stitch_on_host else put_volume(
-                jnp.zeros((*padded_shape, k), jnp.float32)
-            )
-        if stitch_on_host:
-            logits = np.asarray(logits, np.float32)
-            for (d, h, w), p in zip(chunk[:n_valid], logits[:n_valid]):
-                out[d : d + roi[0], h : h + roi[1], w : w + roi[2]] += p * weight[..., None]
-        else:
-            out = _accumulate(out, logits, chunk_dev, np.int32(n_valid), weight_dev)
-
+            _check_logits(logits, (windows_per_call, *roi), image.shape[-1], num_classes)
+            out_shape = (*padded_shape, int(logits.shape[-1]))
+            if stitch_on_host:
+                out = np.zeros(out_shape, np.float32)
+            else:
+                out = put_volume(jnp.zeros(out_shape, jnp.float32))
+        if not stitch_on_host:
+            out = _accumulate(out, logits, chunk, np.int32(n_valid), weight_dev)
+            continue
+        # Stitch the previous call's windows while the device computes this one.
+        if pending is not None:
+            _stitch_on_host(out, *pending, weight, window)
+        pending = (logits, chunk[:n_valid])
     if stitch_on_host:
+        _stitch_on_host(out, *pending, weight, window)
         out /= count[..., None]
         return out[tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, shape))]
     return _normalise(out, put_volume(count), pads, shape)
+
+
+def _check_logits(
+    logits: jax.Array, expected: tuple[int, ...], channels: int, num_classes: int | None
+) -> None:
+    if logits.ndim != 5 or tuple(logits.shape[:4]) != expected:
+        raise ValueError(
+            f"predict_fn must map windows {(*expected, channels)} to logits {(*expected, 'K')} "
+            f"(same spatial size, channels last); got {tuple(logits.shape)}."
+        )
+    if num_classes is not None and logits.shape[-1] != num_classes:
+        raise ValueError(
+            f"predict_fn returned {logits.shape[-1]} classes, expected num_classes={num_classes}."
+        )
+
+
+def _stitch_on_host(
+    out: np.ndarray, logits: jax.Array, starts: np.ndarray, weight: np.ndarray, window: Callable
+) -> None:
+    """Add one call's weighted window predictions (the valid ones) into the host output, in order."""
+    logits = np.asarray(logits, np.float32)
+    for start, p in zip(starts, logits):
+        window(out, start)[...] += p * weight[..., None]
 
 
 class Prediction(NamedTuple):
@@ -241,10 +272,13 @@ def predict_volume(
     roi: int | Sequence[int],
     **kwargs,
 ) -> Prediction:
-    """Sliding-window logits and their argmax labels (uint8, on host); kwargs as in
-    :func:`sliding_window_inference`."""
+    """Sliding-window logits and their argmax labels (uint8, on host).
+
+    Keyword arguments as in :func:`sliding_window_inference`; with device stitching the argmax runs
+    on the device and only the labels are copied to the host.
+    """
     logits = sliding_window_inference(predict_fn, image, modality, roi, **kwargs)
     if logits.shape[-1] > 256:
         raise ValueError(f"{logits.shape[-1]} classes do not fit uint8 labels.")
-    labels = np.argmax(logits, axis=-1) if isinstance(logits, np.ndarray) else np.asarray(jnp.argmax(logits, axis=-1))
-    return Prediction(labels.astype(np.uint8), logits)
+    xp = np if isinstance(logits, np.ndarray) else jnp
+    return Prediction(np.asarray(xp.argmax(logits, axis=-1)).astype(np.uint8), logits)

@@ -30,12 +30,16 @@ def layout(process_id: int) -> dict:
 
     mesh = distributed.make_mesh()
     local = {
-        "image": (np.arange(LOCAL_ROWS * 3, dtype=np.float32).reshape(LOCAL_ROWS, 3) + 100 * process_id),
+        "image": np.arange(LOCAL_ROWS * 3, dtype=np.float32).reshape(LOCAL_ROWS, 3) + 100 * process_id,
         "modality": np.full((LOCAL_ROWS,), process_id, np.int32),
     }
     batch = distributed.host_to_global(local, mesh)
     shards = [
-        {"device": s.device.id, "rows": [s.index[0].start, s.index[0].stop], "data": np.asarray(s.data).tolist()}
+        {
+            "device": s.device.id,
+            "rows": [s.index[0].start, s.index[0].stop],
+            "data": np.asarray(s.data).tolist(),
+        }
         for s in batch["image"].addressable_shards
     ]
     total = jax.jit(lambda b: jnp.sum(b["image"]) + jnp.sum(b["modality"]))(batch)

@@ -12,7 +12,13 @@ from monai.inferers import sliding_window_inference as monai_swi
 from monai.inferers.utils import _get_scan_interval
 
 from cinjax import distributed
-from cinjax.inference import dense_windows, importance_map, padding_for, predict_volume, sliding_window_inference
+from cinjax.inference import (
+    dense_windows,
+    importance_map,
+    padding_for,
+    predict_volume,
+    sliding_window_inference,
+)
 from cinjax.models.layers.conv import conv3d
 
 ROI = (8, 8, 8)
@@ -145,7 +151,9 @@ def test_modality_reaches_every_window():
     counter = TraceCounter(constant_per_modality)
     image = RNG.standard_normal((20, 18, 13, C)).astype(np.float32)
     for modality in (0, 1, 3):
-        labels, logits = predict_volume(counter, image, modality, ROI, windows_per_call=4, stitch_on_host=True)
+        labels, logits = predict_volume(
+            counter, image, modality, ROI, windows_per_call=4, stitch_on_host=True
+        )
         np.testing.assert_array_equal(logits[..., 0], modality)
         np.testing.assert_array_equal(labels, np.full(labels.shape, 1 if modality == 0 else 0, np.uint8))
     assert counter.traces == 1
@@ -166,7 +174,9 @@ class _PointwiseNet:
         return conv3d(h, self.k2, padding=((0, 0),) * 3)
 
 
-@pytest.mark.parametrize("blend,shape", [("constant", (20, 18, 13)), ("gaussian", (20, 18, 13)), ("gaussian", (5, 8, 11))])
+@pytest.mark.parametrize(
+    "blend,shape", [("constant", (20, 18, 13)), ("gaussian", (20, 18, 13)), ("gaussian", (5, 8, 11))]
+)
 def test_equals_full_volume_inference_for_pointwise_model(blend, shape):
     net = _PointwiseNet()
     fn = jax.jit(net)
@@ -183,7 +193,9 @@ def test_windows_split_across_mesh(predictor):
     image = RNG.standard_normal((20, 18, 13, C)).astype(np.float32)
     ref = sliding_window_inference(predictor, image, 1, ROI, windows_per_call=8, stitch_on_host=True)
     for host in (True, False):
-        got = sliding_window_inference(predictor, image, 1, ROI, windows_per_call=8, stitch_on_host=host, mesh=mesh)
+        got = sliding_window_inference(
+            predictor, image, 1, ROI, windows_per_call=8, stitch_on_host=host, mesh=mesh
+        )
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of the mesh's 8 devices"):
         sliding_window_inference(predictor, image, 1, ROI, windows_per_call=4, mesh=mesh)
