@@ -404,11 +404,69 @@ def resolve_params_checkpoint(path: str | os.PathLike[str], prefer: str = "best"
     )
 
 
+def _restore_entries(
+    path: str | os.PathLike[str],
+    abstract: Mapping[str, PyTree | None],
+    prefer: str,
+) -> dict[str, PyTree]:
+    """Restores top-level entries (``"params"``, ``"model_state"``) of a checkpoint's state tree.
+
+    Entries a train-state checkpoint does not hold come back as ``{}``; a converted-weights
+    directory holds only params.
+    """
+    tree_dir, is_train_state = resolve_params_checkpoint(path, prefer=prefer)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return _restore_with(handler, tree_dir, is_train_state, abstract)
+    finally:
+        handler.close()
+
+
+def _restore_with(
+    handler: ocp.PyTreeCheckpointHandler,
+    tree_dir: epath.Path,
+    is_train_state: bool,
+    abstract: Mapping[str, PyTree | None],
+) -> dict[str, PyTree]:
+    metadata = handler.metadata(tree_dir).tree
+    if not is_train_state:
+        metadata = {"params": metadata}
+    elif not isinstance(metadata, Mapping) or "params" not in metadata:
+        found = sorted(metadata) if isinstance(metadata, Mapping) else type(metadata).__name__
+        raise CheckpointNotFoundError(
+            f"Checkpoint {os.fspath(tree_dir)!r} holds no 'params' entry at its top level (found"
+            f" {found})."
+        )
+    target, restore_args, missing = {}, {}, {}
+    for name, abstract_entry in abstract.items():
+        entry_meta = metadata.get(name)
+        if not jax.tree.leaves(entry_meta):
+            missing[name] = {}
+            continue
+        if abstract_entry is None:
+            target[name] = jax.tree.map(lambda m: np.zeros((), dtype=m.dtype), entry_meta)
+            restore_args[name] = jax.tree.map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target[name]
+            )
+        else:
+            target[name] = abstract_entry
+            restore_args[name] = ocp.checkpoint_utils.construct_restore_args(abstract_entry)
+    if not is_train_state:
+        args = ocp.args.PyTreeRestore(item=target["params"], restore_args=restore_args["params"])
+        restored = {"params": handler.restore(tree_dir, args=args)}
+    else:
+        restored = handler.restore(
+            tree_dir,
+            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+        )
+    return {**missing, **dict(restored)}
+
+
 def restore_params_only(
-        path: str | os.PathLike[str],
-        abstract_params: PyTree | None = None,
-        *,
-        prefer: str = "best",
+    path: str | os.PathLike[str],
+    abstract_params: PyTree | None = None,
+    *,
+    prefer: str = "best",
 ) -> PyTree:
     """Restores only the model params from a checkpoint (see ``resolve_params_checkpoint``).
 
@@ -416,31 +474,19 @@ def restore_params_only(
     those shardings and shapes/dtypes are checked; without it they come back as host numpy
     arrays, independent of the topology they were saved on. The optimizer state is never read.
     """
-    tree_dir, is_train_state = resolve_params_checkpoint(path, prefer=prefer)
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(tree_dir).item_metadata.tree
-    if is_train_state:
-        if not isinstance(metadata, Mapping) or "params" not in metadata:
-            raise CheckpointNotFoundError(
-                    f"Checkpoint {os.fspath(tree_dir)!r} holds no 'params' entry at its top level (found"
-                    f" {sorted(metadata) if isinstance(metadata, Mapping) else type(metadata).__name__})."
-            )
-        param_meta = metadata["params"]
-    else:
-        param_meta = metadata
-    if abstract_params is None:
-        target = jax.tree.map(lambda m: np.zeros((), dtype=m.dtype), param_meta)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    else:
-        target = abstract_params
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    if is_train_state:
-        target, restore_args = {"params": target}, {"params": restore_args}
-    restored = checkpointer.restore(
-            tree_dir,
-            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-    )
-    return restored["params"] if is_train_state else restored
+    return _restore_entries(path, {"params": abstract_params}, prefer)["params"]
+
+
+def restore_inference_variables(
+    path: str | os.PathLike[str], *, prefer: str = "best"
+) -> tuple[PyTree, PyTree]:
+    """``(params, model_state)`` as host numpy arrays, for models with non-param collections.
+
+    ``model_state`` (e.g. BatchNorm ``batch_stats``) is the state tree's ``"model_state"`` entry,
+    ``{}`` when the checkpoint has none (instance-norm models, converted weights).
+    """
+    restored = _restore_entries(path, {"params": None, "model_state": None}, prefer)
+    return restored["params"], restored["model_state"]
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from cinjax.checkpointing import (
     PreemptionFlag,
     WorkdirError,
     check_workdir_writable,
+    restore_inference_variables,
     restore_params_only,
 )
 
@@ -191,6 +192,19 @@ def test_restore_params_only_sources(tmp_path, state):
         restore_params_only(tmp_path)
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         restore_params_only(tmp_path / "missing")
+
+
+def test_restore_inference_variables_with_model_state(tmp_path, state):
+    batch_stats = {"bn": {"mean": jnp.arange(4.0), "var": jnp.ones(4)}}
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, dict(state, model_state={"batch_stats": batch_stats}))
+        ckpt.save_best(1, {"params": state["params"]}, dice=0.5)
+    params, model_state = restore_inference_variables(tmp_path, prefer="latest")
+    _assert_tree_equal(params, jax.tree.map(np.asarray, state["params"]))
+    _assert_tree_equal(model_state, {"batch_stats": jax.tree.map(np.asarray, batch_stats)})
+    params, model_state = restore_inference_variables(tmp_path)  # best holds params only
+    _assert_tree_equal(params, jax.tree.map(np.asarray, state["params"]))
+    assert model_state == {}
 
 
 _CRASH_CHILD = textwrap.dedent(
