@@ -221,7 +221,12 @@ def get_loss(name: str, *, return_parts: bool = False, **kwargs) -> Callable[[Ar
         return lambda logits, labels: fn(logits, labels)[0]
     if name in _SINGLE:
         fn = functools.partial(_SINGLE[name], **kwargs)
-        if return_parts:
-            return lambda logits, labels: (lambda v: (v, {name: v}))(fn(logits, labels))
-        return fn
+        if not return_parts:
+            return fn
+
+        def with_parts(logits: Array, labels: Array) -> tuple[Array, dict[str, Array]]:
+            value = fn(logits, labels)
+            return value, {name: value}
+
+        return with_parts
     raise ValueError(f"Unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}.")

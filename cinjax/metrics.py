@@ -69,11 +69,12 @@ def _check_pair(pred: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.nda
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
     """``(K, K)`` voxel counts, rows = ground-truth class, columns = predicted class."""
     pred, label = _check_pair(pred, label)
-    p, g = pred.reshape(-1).astype(np.int64), label.reshape(-1).astype(np.int64)
-    for name, a in (("prediction", p), ("label", g)):
+    for name, a in (("prediction", pred), ("label", label)):
         if a.size and (a.min() < 0 or a.max() >= num_classes):
             raise ValueError(f"{name} values must lie in [0, {num_classes}), got [{a.min()}, {a.max()}].")
-    return np.bincount(g * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    index = label.reshape(-1).astype(np.intp) * num_classes
+    index += pred.reshape(-1)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def dice_from_confusion(cm: np.ndarray, ignore_empty: bool = True) -> np.ndarray:
@@ -104,7 +105,11 @@ def dice_per_class(
 def whole_foreground_dice(pred: np.ndarray, label: np.ndarray, *, ignore_empty: bool = True) -> float:
     """Dice of all foreground classes merged (whole heart for MM-WHS)."""
     pred, label = _check_pair(pred, label)
-    return float(dice_per_class(pred > 0, label > 0, 2, ignore_empty=ignore_empty)[0])
+    p, g = pred > 0, label > 0
+    cm = np.array([[0, 0], [0, np.count_nonzero(p & g)]])
+    cm[1, 0] = np.count_nonzero(g) - cm[1, 1]
+    cm[0, 1] = np.count_nonzero(p) - cm[1, 1]
+    return float(dice_from_confusion(cm, ignore_empty)[1])
 
 
 def batch_dice(pred: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
@@ -211,6 +216,19 @@ def average_surface_distance(
 # ------------------------------------------------------------------------------------- per volume
 
 
+def _class_boxes(pred: np.ndarray, label: np.ndarray, num_classes: int) -> list[tuple[slice, ...]]:
+    """Per class, the bounding box of its voxels in prediction or label (empty box if neither)."""
+    found_p = ndimage.find_objects(pred, max_label=num_classes - 1)
+    found_g = ndimage.find_objects(label, max_label=num_classes - 1)
+    boxes = [tuple(slice(0, 0) for _ in pred.shape)]
+    for a, b in zip(found_p, found_g):
+        if a is None or b is None:
+            boxes.append(a or b or tuple(slice(0, 0) for _ in pred.shape))
+        else:
+            boxes.append(tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b)))
+    return boxes
+
+
 def evaluate_volume(
     pred: np.ndarray,
     label: np.ndarray,
@@ -237,11 +255,13 @@ def evaluate_volume(
             f"{num_classes - 1} foreground names (background 0 is unnamed)."
         )
     dice = dice_per_class(pred, label, num_classes)
+    boxes = _class_boxes(pred, label, num_classes)
     classes: dict[str, dict[str, float]] = {}
     for c, name in enumerate(class_names, start=1):
         entry = {"dice": float(dice[c - 1])}
         if distances:
-            hd, assd = _hd_assd(*surface_distances(pred == c, label == c, spacing), percentile)
+            box = boxes[c]
+            hd, assd = _hd_assd(*surface_distances(pred[box] == c, label[box] == c, spacing), percentile)
             entry["hd95_mm"], entry["assd_mm"] = hd, assd
         classes[name] = entry
     return {

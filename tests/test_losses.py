@@ -183,3 +183,18 @@ def test_errors_are_explicit(golden):
         losses.get_loss("dice_xent")
     with pytest.raises(ValueError, match="does not match"):
         losses.get_loss("dice_focal")(jnp.asarray(logits), jnp.asarray(labels[:, :-1]))
+
+
+def test_single_terms_by_name(golden):
+    d, logits, labels = golden
+    x, y = jnp.asarray(logits), jnp.asarray(labels)
+    value, parts = losses.get_loss("focal", return_parts=True)(x, y)
+    np.testing.assert_allclose(float(value), d["dice_focal_tune__focal_part"], rtol=1e-5)
+    assert set(parts) == {"focal"}
+    np.testing.assert_allclose(
+        float(losses.get_loss("dice", squared_pred=True)(x, y)), d["dice_focal_tune__dice_part"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(losses.get_loss("generalized_dice")(x, y)), d["generalized_dice_focal_tune__gdl_part"], rtol=1e-5
+    )
+    np.testing.assert_allclose(float(losses.get_loss("ce")(x, y)), np_ce(logits, labels), rtol=1e-5)
