@@ -260,3 +260,15 @@ def test_config_errors_are_explicit():
         optim.make_optimizer(_config(accumulate_steps=0), 10)
     with pytest.raises(ValueError, match="'optim' section"):
         optim.make_optimizer(optim.default_optim_config(), 10)
+
+
+def test_set_lr_multiplier_keeps_replicated_sharding():
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(jax.tree.map(jnp.asarray, _params()), replicated)
+    tx, _ = optim.make_optimizer(_config(), 10)
+    state = jax.jit(tx.init, out_shardings=replicated)(params)
+    new = optim.set_lr_multiplier(state, 0.25)
+    leaf = [n for n in jax.tree.leaves(new, is_leaf=optim._is_multiplier) if optim._is_multiplier(n)][0]
+    assert leaf.lr_multiplier.sharding == replicated
+    assert optim.get_lr_multiplier(new) == 0.25
