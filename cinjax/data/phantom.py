@@ -7,7 +7,7 @@ the whole heart is smoothly deformed by a random displacement field. Neighbourin
 separated by thin unlabelled walls, as in real images, so the structures can be told apart by
 intensity, shape and position.
 
-CT cases are rendered on an isotropic RAS grid with HU-like intensities, partial-volume blur and Gaussian
+CT cases are rendered on an RAS grid of (1.6, 1.6, 2.0) mm with HU-like intensities, partial-volume blur and Gaussian
 noise; MR cases come from *different* subjects, on an anisotropic grid with a non-RAS (PLS) orientation,
 with MR-like contrast (bright blood and fat, dark lungs), a smooth multiplicative bias field and Rician
 noise. Files are written like MM-WHS::
@@ -192,27 +192,47 @@ def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
 # Rendering.
 
 
+_NEAR_MM = 8.0  # heart-local band in which shapes need accurate distances (> walls and envelope / scale)
+
+
+def _norm3(v: np.ndarray) -> np.ndarray:
+    return np.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+
+
 def _ellipsoid_sdf(q: np.ndarray, center, semi_axes, frame) -> np.ndarray:
-    """Approximate signed distance (mm) to an ellipsoid (Quilez's first-order estimate)."""
-    u = (q - center.astype(np.float32)) @ frame.astype(np.float32)
-    k0 = np.linalg.norm(u / semi_axes.astype(np.float32), axis=-1)
-    k1 = np.linalg.norm(u / (semi_axes * semi_axes).astype(np.float32), axis=-1)
-    return k0 * (k0 - 1) / np.maximum(k1, 1e-6)
+    """Approximate signed distance (mm) from points ``q`` (3, N) to an ellipsoid.
+
+    Near the surface: Quilez's first-order estimate; farther than ``_NEAR_MM`` outside the bounding
+    sphere only the cheap lower bound ``|q - c| - max(semi_axes)`` (all callers threshold well below it).
+    """
+    d = q - np.asarray(center, np.float32)[:, None]
+    r = _norm3(d)
+    out = r - np.float32(max(semi_axes))
+    near = np.flatnonzero(out < _NEAR_MM)
+    u = np.asarray(frame, np.float32).T @ d[:, near]
+    a = np.asarray(semi_axes, np.float32)[:, None]
+    k0 = _norm3(u / a)
+    k1 = _norm3(u / (a * a))
+    out[near] = k0 * (k0 - 1) / np.maximum(k1, 1e-6)
+    return out
 
 
 def _capsule_sdf(q: np.ndarray, a, b, radius: float) -> np.ndarray:
-    a = np.asarray(a, np.float32)
-    ab = np.asarray(b, np.float32) - a
-    h = np.clip((q - a) @ ab / float(ab @ ab), 0.0, 1.0)
-    return np.linalg.norm(q - a - h[:, None] * ab, axis=-1) - radius
+    """Signed distance (mm) from points ``q`` (3, N) to the tube of ``radius`` around segment ab."""
+    a = np.asarray(a, np.float32)[:, None]
+    ab = np.asarray(b, np.float32)[:, None] - a
+    d = q - a
+    h = np.clip((ab * d).sum(0) / float((ab * ab).sum()), 0.0, 1.0)
+    return _norm3(d - h * ab) - np.float32(radius)
 
 
 def _heart(p: np.ndarray, heart: dict[str, Any], wall_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label codes, tissue classes and distance to the heart envelope at world points ``p`` (N, 3)."""
+    """Label codes, tissue classes and signed distance to the heart at world points ``p`` (3, N)."""
     s = heart["scale"]
-    q = (p - heart["center"].astype(np.float32)) @ heart["rotation"].astype(np.float32) / s
+    q = heart["rotation"].T.astype(np.float32) @ (p - heart["center"].astype(np.float32)[:, None])
+    q /= np.float32(s)
     for amp, freq, phase in heart["warp"]:
-        q = q + np.sin(q @ freq.astype(np.float32) + phase)[:, None] * amp.astype(np.float32)
+        q += np.sin(freq.astype(np.float32) @ q + np.float32(phase)) * amp.astype(np.float32)[:, None]
     lv_c, lv_a, lv_f = heart["lv"]
     lv = _ellipsoid_sdf(q, lv_c, lv_a, lv_f)
     epi = _ellipsoid_sdf(q, lv_c, lv_a + heart["myo_mm"], lv_f)
@@ -221,24 +241,24 @@ def _heart(p: np.ndarray, heart: dict[str, Any], wall_mm: float) -> tuple[np.nda
         epi, rv,
         _ellipsoid_sdf(q, *heart["la"]), _ellipsoid_sdf(q, *heart["ra"]),
         _capsule_sdf(q, *heart["ao"]), _capsule_sdf(q, *heart["pa"]),
-    ]) * s
+    ])
+    sdf *= np.float32(s)
     owner = np.argmin(sdf, axis=0)
     n = np.arange(sdf.shape[1])
     own = sdf[owner, n]
-    others = sdf.copy()
-    others[owner, n] = np.inf
-    others[_EPI, owner == _RV] = np.inf  # no extra wall between the RV and the septum (it is myocardium)
-    wall = (owner != _EPI) & (others.min(axis=0) - own < wall_mm)
+    sdf[owner, n] = np.inf  # now: distances to the other compartments
+    sdf[_EPI, owner == _RV] = np.inf  # no extra wall between the RV and the septum (it is myocardium)
+    wall = (owner != _EPI) & (sdf.min(axis=0) - own < wall_mm)
     inside = (own < 0) & ~wall
 
-    code = np.zeros(len(p), np.int16)
-    tissue = np.full(len(p), SOFT, np.uint8)
+    code = np.zeros(len(own), np.int16)
+    tissue = np.full(len(own), SOFT, np.uint8)
     for comp, value in _COMPARTMENT_CODE.items():
         sel = inside & (owner == comp)
         code[sel] = value
         tissue[sel] = _COMPARTMENT_TISSUE[comp]
     in_epi = inside & (owner == _EPI)
-    cavity = in_epi & (lv * s < 0)
+    cavity = in_epi & (lv < 0)
     code[in_epi] = 205
     tissue[in_epi] = MYO
     code[cavity] = 500
@@ -247,14 +267,14 @@ def _heart(p: np.ndarray, heart: dict[str, Any], wall_mm: float) -> tuple[np.nda
 
 
 def _thorax(p: np.ndarray, thorax: dict[str, Any]) -> np.ndarray:
-    """Tissue classes of the thorax (without the heart) at world points ``p`` (N, 3)."""
+    """Tissue classes of the thorax (without the heart) at world points ``p`` (3, N)."""
     bx, by = thorax["body"]
     cx, cy = thorax["body_center"]
-    x, y, z = p[:, 0] - cx, p[:, 1] - cy, p[:, 2]
+    x, y, z = p[0] - cx, p[1] - cy, p[2]
     r_body = np.sqrt((x / bx) ** 2 + (y / by) ** 2)
     fat = thorax["fat_mm"]
     r_inner = np.sqrt((x / (bx - fat)) ** 2 + (y / (by - fat)) ** 2)
-    tissue = np.full(len(p), AIR, np.uint8)
+    tissue = np.full(p.shape[1], AIR, np.uint8)
     tissue[r_body < 1] = FAT
     tissue[r_inner < 1] = SOFT
     lung_x = thorax["lung_dx"] * bx
@@ -271,8 +291,8 @@ def _thorax(p: np.ndarray, thorax: dict[str, Any]) -> np.ndarray:
 
 def _smooth_bias(coords: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
     """exp of a random quadratic polynomial in normalised coordinates (a smooth multiplicative field)."""
-    u = coords / np.abs(coords).max(axis=0, keepdims=True).clip(1e-6)
-    x, y, z = u[:, 0], u[:, 1], u[:, 2]
+    u = coords / np.abs(coords).max(axis=1, keepdims=True).clip(1e-6)
+    x, y, z = u
     terms = np.stack([x, y, z, x * y, y * z, x * z, x * x - 0.5, y * y - 0.5, z * z - 0.5])
     return np.exp(coeffs.astype(np.float32) @ terms)
 
@@ -290,8 +310,10 @@ def render(
     heart = subject["heart"]
     center = heart["center"] + np.array([4.0, -4.0, 8.0]) + subject["fov_jitter"]
     affine = axcodes_affine(shape, spacing, axcodes, center)
-    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
-    p = ijk.reshape(-1, 3) @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+    axes = [np.arange(n, dtype=np.float32).reshape([-1 if i == k else 1 for i in range(3)])
+            for k, n in enumerate(shape)]
+    p = np.stack([sum(np.float32(affine[j, k]) * axes[k] for k in range(3)) + np.float32(affine[j, 3])
+                  for j in range(3)]).reshape(3, -1)  # world mm of every voxel centre, (3, N)
 
     tissue = _thorax(p, subject["thorax"])
     code, heart_tissue, envelope = _heart(p, heart, wall_mm)
@@ -302,7 +324,7 @@ def render(
     lut = np.array([contrast[t] for t in range(8)], np.float32)
     image = lut[tissue]
     if modality == MR:
-        image = image * contrast["gain"] * _smooth_bias(p - p.mean(0), contrast["bias"])
+        image = image * contrast["gain"] * _smooth_bias(p - p.mean(1, keepdims=True), contrast["bias"])
     image = image.reshape(shape)
     label = code.reshape(shape)
     sigma = [contrast["blur_mm"] / s for s in spacing]
