@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -255,6 +257,89 @@ def test_sigkill_mid_save_keeps_newest_complete_checkpoint(tmp_path):
         assert ckpt.save(2, {"w": np.full((64, 64), 2.0, np.float32)})
         assert ckpt.latest_step() == 2
     assert sorted(os.listdir(latest_dir)) == ["1", "2"]
+
+
+_MULTI_PROCESS_CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    pid, port, workdir, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import grain
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from cinjax.checkpointing import Checkpointer, PreemptionFlag
+
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    local_w = np.arange(4 * pid, 4 * pid + 4, dtype=np.float32).reshape(4, 1)
+    state = {
+        "w": jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_w, (8, 1)),
+        "b": jax.device_put(np.float32(3.0), NamedSharding(mesh, P())),
+    }
+    def make_iter():
+        return iter(grain.MapDataset.range(100)[pid::2].shuffle(seed=1).to_iter_dataset())
+    it = make_iter()
+    flag = PreemptionFlag(sync_every=2).install()
+    ckpt = Checkpointer(workdir)
+    stop_step = None
+    for step in range(1, 40):
+        next(it)
+        if step == 3 and pid == 1:  # only process 1 is told to stop
+            if mode == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                flag.set()
+        if flag.should_stop(step):
+            stop_step = step
+            ckpt.save(step, state, data_iter=it, force=True)
+            break
+        time.sleep(0.05)
+    expected = [next(it) for _ in range(3)]
+    ckpt.close()
+    it2 = make_iter()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    with Checkpointer(workdir) as ckpt:
+        step, restored = ckpt.restore_latest(abstract, data_iter=it2)
+    shards = np.concatenate([np.asarray(s.data) for s in restored["w"].addressable_shards])
+    print("RESULT" + json.dumps({"stop": stop_step, "restored": step, "w": shards.ravel().tolist(),
+                                 "next_ok": [next(it2) for _ in range(3)] == expected}), flush=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["flag", pytest.param("sigterm", marks=pytest.mark.slow)])
+def test_two_processes_agree_on_stop_step(tmp_path, mode):
+    """One process gets the stop request; both stop, save and restore at the same step.
+
+    ``flag``: a local stop request (SIGINT / ``set()``) reaches the other process through the
+    periodic all-gather. ``sigterm``: JAX's preemption service catches SIGTERM and both processes
+    reach its sync point together.
+    """
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", _MULTI_PROCESS_CHILD, str(i), str(port),
+                               str(tmp_path), mode], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out[-3000:]
+        results.append(json.loads(out.split("RESULT")[-1]))
+    stops = {r["stop"] for r in results}
+    assert len(stops) == 1 and None not in stops, results
+    (stop,) = stops
+    assert stop >= 4 and all(r["restored"] == stop and r["next_ok"] for r in results)
+    assert [r["w"] for r in results] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "latest" / str(stop) / "data_iter")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_workdir_preflight(tmp_path):
