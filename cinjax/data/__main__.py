@@ -28,12 +28,26 @@ _WORKERS = flags.DEFINE_integer("workers", None, "Processes (default: config.dat
 _USAGE = "usage: python -m cinjax.data {verify,prepare} --config CONFIG.py"
 
 
+def _maybe_generate_phantom(data) -> None:
+    """Configs with ``data.phantom.generate`` (the demo) describe data that is written on first use."""
+    spec = data.get("phantom")
+    if not spec or not spec.get("generate", False):
+        return
+    from cinjax.data import phantom
+
+    kwargs = {k: v for k, v in dict(spec).items() if k != "generate"}
+    info = phantom.generate(data.root, **kwargs)
+    if info.get("generated"):
+        print(f"Generated the phantom dataset in {info['root']} ({info['seconds']:.1f} s).")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in ("verify", "prepare"):
         raise app.UsageError(_USAGE)
     if _CONFIG.value is None:
         raise app.UsageError("--config is required. " + _USAGE)
     config = _CONFIG.value
+    _maybe_generate_phantom(preprocess._data_section(config))
     start = time.perf_counter()
     if argv[1] == "verify":
         splits = tuple(_SPLITS.value or SPLITS)

@@ -369,25 +369,42 @@ def _cache_path(cache_dir: str, task: Task, digest: str) -> str:
     return os.path.join(cache_dir, task.modality_name, f"{task.entry.name}-{digest[:16]}")
 
 
+def _cached(task: Task, cache_dir: str) -> tuple[str, str, cache.VolumeRecord | None]:
+    """(entry path, hash, record if a valid entry already exists)."""
+    digest = entry_hash(task)
+    path = _cache_path(cache_dir, task, digest)
+    try:
+        if cache.read_meta(path).get("hash") == digest:
+            return path, digest, cache.load_record(path)
+    except (OSError, ValueError):  # absent or unreadable: (re)build
+        pass
+    return path, digest, None
+
+
+def _sources_exist(task: Task) -> bool:
+    return all(p is None or os.path.exists(p) for p in (task.entry.image, task.entry.label))
+
+
 def _prepare_one(args: tuple[Task, str]) -> tuple[cache.VolumeRecord | None, bool, str | None]:
     """(record, written?, error) for one task; never raises for a bad input."""
     task, cache_dir = args
     try:
-        if any(p is not None and not os.path.exists(p) for p in (task.entry.image, task.entry.label)):
+        if not _sources_exist(task):
             return None, False, "\n".join(check_volume(task))
-        digest = entry_hash(task)
-        path = _cache_path(cache_dir, task, digest)
-        if os.path.exists(os.path.join(path, cache.META)):
-            try:
-                if cache.read_meta(path).get("hash") == digest:
-                    return cache.load_record(path), False, None
-            except (OSError, ValueError):
-                pass  # unreadable meta: rebuild the entry
+        path, digest, record = _cached(task, cache_dir)
+        if record is not None:
+            return record, False, None
         image, label, meta = preprocess_volume(task)
         meta["hash"] = digest
         key = f"{task.modality_name}/{task.entry.name}"
-        record = cache.write_entry(path, key=key, modality=task.entry.modality, image=image, label=label,
-                                   meta=meta)
+        try:
+            record = cache.write_entry(path, key=key, modality=task.entry.modality, image=image,
+                                       label=label, meta=meta)
+        except OSError:
+            # Another process (e.g. a second host on a shared cache) finished the same entry first.
+            _, _, record = _cached(task, cache_dir)
+            if record is None:
+                raise
         return record, True, None
     except DataError as e:
         return None, False, str(e)
@@ -480,7 +497,17 @@ def prepare(config: Any, splits: Sequence[str] = ("training", "validation"), *, 
     tasks = make_tasks(data, splits)
     cache_dir = cache_dir_of(data)
     workers = int(data.preprocess_workers if workers is None else workers)
-    results = _run(_prepare_one, [(t, cache_dir) for t in tasks], workers, "preprocess", progress)
+    # Reuse valid entries here (cheap), and only send the rest to the process pool.
+    results: list[tuple[cache.VolumeRecord | None, bool, str | None]] = []
+    todo = []
+    for i, task in enumerate(tasks):
+        record = _cached(task, cache_dir)[2] if _sources_exist(task) else None
+        results.append((record, False, None))
+        if record is None:
+            todo.append(i)
+    built = _run(_prepare_one, [(tasks[i], cache_dir) for i in todo], workers, "preprocess", progress)
+    for i, result in zip(todo, built):
+        results[i] = result
     errors = [err for _, _, err in results if err]
     if errors:
         raise DataError(f"{len(errors)} bad volume(s); nothing was cached for them:\n" + "\n".join(errors))
