@@ -17,6 +17,7 @@ Loads are strict by default: a missing, unexpected or mis-shaped key raises
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -163,9 +164,39 @@ def mi_seg_args_to_config(
             }
         )
     if name == "swin_unetr":
-        from cinjax.models.convert.swin_unetr import mi_seg_args_to_swin_config
-
-        return ml_collections.ConfigDict(mi_seg_args_to_swin_config(a, num_modalities=m))
+        fs = [int(f) for f in a["feature_size"]]
+        if len(fs) != 1:
+            raise ValueError(f"swin_unetr takes one --feature_size, got {fs}.")
+        depths = [int(d) for d in a["depth_swin_block"]]
+        if len(depths) == 1:
+            depths = depths * 4
+        return ml_collections.ConfigDict(
+            {
+                "name": "swin_unetr",
+                "out_channels": int(a["out_channels"]),
+                "feature_size": fs[0],
+                "num_heads": int(a["num_heads"]),
+                "depths": tuple(depths),
+                "dropout": float(a["dropout_rate"]),
+                "attn_dropout": float(a["attn_drop_rate"]),
+                "drop_path": float(a["dropout_path_rate"]),
+                "normalize": not a["no_normalize_swin"],
+                "downsample": a["downsample"],
+                "encoder_norm": a["encoder_norm_name"],
+                "vit_norm": a["vit_norm_name"],
+                "decoder_norm": a["decoder_norm_name"],
+                "norm_affine": True,
+                "encoder_norm_affine": not a["encoder_norm_no_affine"],
+                "vit_norm_affine": not a["vit_norm_no_affine"],
+                "decoder_norm_affine": not a["decoder_norm_no_affine"],
+                "num_groups": int(a["num_groups"]),
+                "num_modalities": m,
+                "conv_impl": "auto",
+                "dtype": None,
+                "remat": bool(a["use_checkpoint"]),
+                "img_size": (int(a["roi_x"]), int(a["roi_y"]), int(a["roi_z"])),
+            }
+        )
     raise ValueError(
         f"MI-Seg model {name!r} is not supported; cinjax builds {SUPPORTED_MODELS} "
         "(pass --model_name=unet_vanilla or --model_name=swin_unetr)."
@@ -175,7 +206,9 @@ def mi_seg_args_to_config(
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], *, weights_only: bool = True) -> dict[str, np.ndarray]:
+def read_checkpoint(
+    checkpoint: str | os.PathLike | Mapping[str, Any], *, weights_only: bool = True
+) -> dict[str, np.ndarray]:
     """A ``.pt`` path or a loaded mapping → a flat ``{key: numpy array}`` state dict (prefixes stripped).
 
     ``weights_only=True`` uses PyTorch's safe unpickler; pass False only for files you trust (e.g. a
@@ -206,7 +239,7 @@ def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], *, weight
 # --- model + params --------------------------------------------------------------------------------
 
 
-def _entries_fn(name: str, source: str) -> Callable[[Any, Mapping[str, Any]], list[Entry]]:
+def _entries_fn(name: str, source: str, **kw: Any) -> Callable[[Any, Mapping[str, Any]], list[Entry]]:
     if name == "unet_vanilla" and source == "mi_seg":
         from cinjax.models.convert.unet import mi_seg_entries
 
@@ -214,8 +247,14 @@ def _entries_fn(name: str, source: str) -> Callable[[Any, Mapping[str, Any]], li
     if name == "swin_unetr":
         from cinjax.models.convert import swin_unetr
 
-        return swin_unetr.mi_seg_entries if source == "mi_seg" else swin_unetr.monai_entries
+        if source == "mi_seg":
+            return swin_unetr.mi_seg_entries
+        return functools.partial(swin_unetr.monai_entries, **kw)
     raise ValueError(f"No {source} converter for model {name!r}.")
+
+
+# Smallest Swin-UNETR input that every config accepts: divisible by 32, > 1 voxel after the deepest merge.
+_SWIN_EXAMPLE_SIZE = (32, 32, 64)
 
 
 def example_input_shape(model: Any, in_channels: int) -> tuple[int, ...]:
@@ -223,7 +262,7 @@ def example_input_shape(model: Any, in_channels: int) -> tuple[int, ...]:
     if hasattr(model, "total_stride"):
         n = model.total_stride
         return (1, n, n, n, in_channels)
-    return (1, *tuple(int(s) for s in model.min_input_size), in_channels)
+    return (1, *_SWIN_EXAMPLE_SIZE, in_channels)
 
 
 def _load(
@@ -234,6 +273,7 @@ def _load(
     checkpoint: Any,
     strict: bool,
     weights_only: bool,
+    **entries_kw: Any,
 ) -> tuple[Any, dict[str, Any], LoadReport]:
     model = build_model(model_config)
     state_dict = read_checkpoint(checkpoint, weights_only=weights_only)
@@ -241,7 +281,7 @@ def _load(
     x = jnp.zeros(shape, jnp.float32)
     modality = jnp.zeros((shape[0],), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), x, modality)["params"]
-    entries = _entries_fn(name, source)(model, abstract)
+    entries = _entries_fn(name, source, **entries_kw)(model, abstract)
     params, report = apply_entries(entries, state_dict, abstract)
     if not report.ok:
         if strict:
@@ -283,18 +323,30 @@ def load_monai_swin_unetr(
     strict: bool = True,
     return_report: bool = False,
     weights_only: bool = True,
+    source_merging: str = "same",
     **model_kwargs: Any,
 ):
     """Load a state dict of MONAI's own ``SwinUNETR`` into cinjax's SwinUNETR.
 
-    ``model_kwargs`` are :class:`cinjax.models.swin_unetr.SwinUNETR` fields (e.g. ``out_channels``,
-    ``feature_size``); its defaults follow MONAI (LayerNorm in the transformer, instance norms in the
-    convolutional blocks, no modality conditioning).
+    ``model_kwargs`` are :class:`cinjax.models.swin_unetr.SwinUNETR` fields (``out_channels``,
+    ``feature_size``, ``num_heads`` …); unset ones follow MONAI: LayerNorm in the Swin encoder,
+    non-affine instance norms in the conv blocks, no modality conditioning. ``source_merging``:
+    ``"same"`` for MONAI <= 1.4 ``merging`` (or ``mergingv2``) checkpoints, ``"merging_fixed"`` for
+    MONAI >= 1.5 ``merging`` checkpoints loaded into a ``downsample="mergingv2"`` model.
     """
-    from cinjax.models.convert.swin_unetr import monai_model_config
-
-    config = ml_collections.ConfigDict(monai_model_config(**model_kwargs))
+    config = ml_collections.ConfigDict(
+        {
+            "name": "swin_unetr",
+            "vit_norm": "layer",
+            "encoder_norm": "instance",
+            "decoder_norm": "instance",
+            "norm_affine": False,
+            "vit_norm_affine": True,
+            **model_kwargs,
+        }
+    )
     model, params, report = _load(
-        "swin_unetr", "monai", config, in_channels, checkpoint, strict, weights_only
+        "swin_unetr", "monai", config, in_channels, checkpoint, strict, weights_only,
+        source_merging=source_merging,
     )
     return (model, params, report) if return_report else (model, params)
