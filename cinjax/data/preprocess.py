@@ -146,8 +146,9 @@ def resample(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
     src_shape = array.shape
     if np.allclose(xform[:3, :3], np.diag(np.diag(xform[:3, :3])), atol=1e-12):
         # Axis-aligned: separable per-axis sampling (exactly trilinear / nearest, much faster).
-        out = np.asarray(array, np.float64 if mode == "linear" else array.dtype)
-        for ax in range(3):
+        out = array
+        # Shrinking axes first keeps the intermediates small (the result does not depend on the order).
+        for ax in sorted(range(3), key=lambda a: dst_shape[a] / src_shape[a]):
             coords = np.clip(xform[ax, ax] * np.arange(dst_shape[ax]) + xform[ax, 3], 0, src_shape[ax] - 1)
             if mode == "nearest":
                 out = np.take(out, np.rint(coords).astype(np.int64), axis=ax)
@@ -156,7 +157,7 @@ def resample(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
                 hi = np.minimum(lo + 1, src_shape[ax] - 1)
                 w = (coords - lo).reshape([-1 if a == ax else 1 for a in range(3)])
                 out = np.take(out, lo, axis=ax) * (1.0 - w) + np.take(out, hi, axis=ax) * w
-        return out.astype(np.float32) if mode == "linear" else out
+        return out.astype(np.float32) if mode == "linear" else np.asarray(out, array.dtype)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in dst_shape], indexing="ij"))
     coords = np.einsum("ij,j...->i...", xform[:3, :3], grid) + xform[:3, 3].reshape(3, 1, 1, 1)
     for ax in range(3):
