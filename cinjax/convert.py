@@ -1,0 +1,142 @@
+"""Convert an MI-Seg PyTorch checkpoint into a cinjax checkpoint + model config.
+
+Usage::
+
+    python -m cinjax.convert --checkpoint best.pt --out converted/ -- \\
+        --model_name=unet_vanilla --encoder_norm_name=instance_cond \\
+        --feature_size 16 64 128 256 512 --num_res_units=3 --strides 1 2 2 2 1 --out_channels=8
+
+Everything after ``--`` (or any flag this tool does not define) is read as MI-Seg's model flags,
+exactly as given to MI-Seg's ``train.py`` / ``predict_whs.py``. Writes
+
+* ``OUT/params``: an orbax (``StandardCheckpointer``) checkpoint of the params tree,
+* ``OUT/config.json``: the cinjax model config (``build_model(json.load(...))`` builds the model),
+* ``OUT/model_config.py``: the same as a ``get_config()`` file for ml_collections config flags,
+* ``OUT/conversion.json``: source checkpoint, MI-Seg flags, input channels and the load report.
+
+Restore with :func:`load_converted`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+import orbax.checkpoint as ocp
+
+from cinjax.models import build_model
+from cinjax.models.convert import load_mi_seg, parse_mi_seg_args
+
+_MODEL_CONFIG_PY = '''"""cinjax model config converted from an MI-Seg checkpoint (written by cinjax.convert)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({config!r})
+'''
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cinjax.convert",
+        allow_abbrev=False,
+        description="Convert an MI-Seg .pt checkpoint to a cinjax (orbax) checkpoint. MI-Seg model "
+        "flags follow after `--`.",
+    )
+    p.add_argument("--checkpoint", required=True, help="MI-Seg .pt file (best.pt / last.pt / Lightning .ckpt).")
+    p.add_argument("--out", required=True, help="Output directory.")
+    p.add_argument("--num_modalities", type=int, default=None, help="Overrides MI-Seg's --num_styles.")
+    p.add_argument("--non_strict", action="store_true", help="Load what fits; report the rest.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing OUT/params.")
+    p.add_argument(
+        "--trust_pickle",
+        action="store_true",
+        help="torch.load(weights_only=False): only for files you trust (e.g. Lightning checkpoints "
+        "whose hyper-parameters are arbitrary Python objects).",
+    )
+    return p
+
+
+def convert(argv: Sequence[str]) -> dict[str, Any]:
+    """Run the conversion for a command line (without the program name); return conversion.json's data."""
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        own, mi_seg_args = argv[:i], argv[i + 1 :]
+        args = _parser().parse_args(own)
+    else:
+        args, mi_seg_args = _parser().parse_known_args(argv)
+    model, params, report = load_mi_seg(
+        args.checkpoint,
+        mi_seg_args,
+        strict=not args.non_strict,
+        num_modalities=args.num_modalities,
+        return_report=True,
+        weights_only=not args.trust_pickle,
+    )
+    print(report)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(out, "params"), params, force=args.overwrite)
+    ckptr.wait_until_finished()
+    config = model_config_of(model)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    with open(os.path.join(out, "model_config.py"), "w") as f:
+        f.write(_MODEL_CONFIG_PY.format(config=json.loads(config.to_json())))
+    info = {
+        "source_checkpoint": os.path.abspath(args.checkpoint),
+        "mi_seg_args": mi_seg_args,
+        "in_channels": int(parse_mi_seg_args(mi_seg_args)["in_channels"]),
+        "report": {
+            "ok": report.ok,
+            "loaded": len(report.loaded),
+            "missing": report.missing,
+            "unexpected": report.unexpected,
+            "mismatched": [list(map(str, m)) for m in report.mismatched],
+        },
+    }
+    with open(os.path.join(out, "conversion.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"wrote {out}/params, config.json, model_config.py, conversion.json")
+    return info
+
+
+def model_config_of(model: nn.Module) -> ml_collections.ConfigDict:
+    """The config that :func:`cinjax.models.build_model` turns back into ``model``."""
+    from cinjax.models.unet import UNet
+
+    name = "unet_vanilla" if isinstance(model, UNet) else "swin_unetr"
+    fields = {
+        k: getattr(model, k)
+        for k in model.__dataclass_fields__
+        if k not in ("parent", "name")
+    }
+    return ml_collections.ConfigDict({"name": name, **fields})
+
+
+def load_converted(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """``(model, params)`` from a directory written by this tool."""
+    directory = os.path.abspath(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        model = build_model(json.load(f))
+    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+    return model, params
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    convert(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
