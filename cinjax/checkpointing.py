@@ -92,7 +92,7 @@ def check_workdir_writable(workdir: str | os.PathLike[str], min_free_bytes: int 
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise WorkdirError(
-                f"Cannot create workdir {path!r}: {e.strerror or e}. Pass a --workdir you can write to."
+            f"Cannot create workdir {path!r}: {e.strerror or e}. Pass a --workdir you can write to."
         ) from e
     try:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".cinjax_write_probe_") as f:
@@ -101,15 +101,15 @@ def check_workdir_writable(workdir: str | os.PathLike[str], min_free_bytes: int 
             os.fsync(f.fileno())
     except OSError as e:
         raise WorkdirError(
-                f"Workdir {path!r} is not writable: {e.strerror or e}. Fix its permissions or pass another"
-                " --workdir."
+            f"Workdir {path!r} is not writable: {e.strerror or e}. Fix its permissions or pass another"
+            " --workdir."
         ) from e
     free = shutil.disk_usage(path).free
     if free < min_free_bytes:
         raise WorkdirError(
-                f"Workdir {path!r} has {free / 2**30:.2f} GiB free, less than the"
-                f" {min_free_bytes / 2**30:.2f} GiB needed for checkpoints and logs. Free disk space, pass another --workdir, or lower"
-                " the free-space requirement (checkpoint.min_free_gb)."
+            f"Workdir {path!r} has {free / 2**30:.2f} GiB free, less than the"
+            f" {min_free_bytes / 2**30:.2f} GiB needed for checkpoints and logs. Free disk space,"
+            " pass another --workdir, or lower config.train.min_free_gb."
         )
     return free
 
@@ -151,13 +151,13 @@ class Checkpointer:
     """
 
     def __init__(
-            self,
-            workdir: str | os.PathLike[str],
-            *,
-            max_to_keep: int = 3,
-            save_every_steps: int | None = None,
-            async_save: bool = True,
-            config_hash: str | None = None,
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        max_to_keep: int = 3,
+        save_every_steps: int | None = None,
+        async_save: bool = True,
+        config_hash: str | None = None,
     ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
@@ -167,26 +167,26 @@ class Checkpointer:
         self.config_hash = config_hash
         self._save_every = save_every_steps
         self._latest = ocp.CheckpointManager(
-                self.directory / LATEST_DIR,
-                options=ocp.CheckpointManagerOptions(
-                        max_to_keep=max_to_keep,
-                        enable_async_checkpointing=async_save,
-                        cleanup_tmp_directories=True,
-                        create=True,
-                ),
-                item_names=(STATE_ITEM, DATA_ITER_ITEM, META_ITEM),
+            self.directory / LATEST_DIR,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            ),
+            item_names=(STATE_ITEM, DATA_ITER_ITEM, META_ITEM),
         )
         self._best = ocp.CheckpointManager(
-                self.directory / BEST_DIR,
-                options=ocp.CheckpointManagerOptions(
-                        max_to_keep=1,
-                        best_fn=lambda metrics: metrics[BEST_METRIC],
-                        best_mode="max",
-                        enable_async_checkpointing=async_save,
-                        cleanup_tmp_directories=True,
-                        create=True,
-                ),
-                item_names=(STATE_ITEM, META_ITEM),
+            self.directory / BEST_DIR,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                best_fn=lambda metrics: metrics[BEST_METRIC],
+                best_mode="max",
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            ),
+            item_names=(STATE_ITEM, META_ITEM),
         )
         best_step = self._best.best_step()
         best_metrics = self._best.metrics(best_step) if best_step is not None else None
@@ -196,20 +196,20 @@ class Checkpointer:
 
     def _meta(self, step: int, metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         return {
-                "step": int(step),
-                "config_hash": self.config_hash,
-                "metrics": _json_safe(dict(metrics or {})),
-                "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "process_count": jax.process_count(),
+            "step": int(step),
+            "config_hash": self.config_hash,
+            "metrics": _json_safe(dict(metrics or {})),
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "process_count": jax.process_count(),
         }
 
     def save(
-            self,
-            step: int,
-            state: PyTree,
-            data_iter: Any | None = None,
-            metrics: Mapping[str, Any] | None = None,
-            force: bool = False,
+        self,
+        step: int,
+        state: PyTree,
+        data_iter: Any | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
     ) -> bool:
         """Saves a "latest" checkpoint at ``step`` if due (or ``force``); returns whether it did.
 
@@ -223,8 +223,8 @@ class Checkpointer:
         if step in self._latest.all_steps():
             return False
         items: dict[str, Any] = {
-                STATE_ITEM: ocp.args.StandardSave(state),
-                META_ITEM: ocp.args.JsonSave(self._meta(step, metrics)),
+            STATE_ITEM: ocp.args.StandardSave(state),
+            META_ITEM: ocp.args.JsonSave(self._meta(step, metrics)),
         }
         if data_iter is not None:
             items[DATA_ITER_ITEM] = grain_checkpoint.CheckpointSave(data_iter)
@@ -240,15 +240,15 @@ class Checkpointer:
         if not math.isfinite(dice) or dice <= self._best_dice or int(step) in self._best.all_steps():
             return False
         saved = self._best.save(
-                int(step),
-                args=ocp.args.Composite(
-                        **{
-                                STATE_ITEM: ocp.args.StandardSave(state),
-                                META_ITEM: ocp.args.JsonSave(self._meta(step, {BEST_METRIC: dice})),
-                        }
-                ),
-                metrics={BEST_METRIC: dice},
-                force=True,
+            int(step),
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.StandardSave(state),
+                    META_ITEM: ocp.args.JsonSave(self._meta(step, {BEST_METRIC: dice})),
+                }
+            ),
+            metrics={BEST_METRIC: dice},
+            force=True,
         )
         if saved:
             self._best_dice = dice
@@ -270,11 +270,11 @@ class Checkpointer:
         return self._best.best_step()
 
     def _restore(
-            self,
-            manager: ocp.CheckpointManager,
-            step: int,
-            abstract_state: PyTree,
-            data_iter: Any | None,
+        self,
+        manager: ocp.CheckpointManager,
+        step: int,
+        abstract_state: PyTree,
+        data_iter: Any | None,
     ) -> PyTree:
         items: dict[str, Any] = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
@@ -282,8 +282,8 @@ class Checkpointer:
                 items[DATA_ITER_ITEM] = grain_checkpoint.CheckpointRestore(data_iter)
             else:
                 log.warning(
-                        "Checkpoint %s/%d holds no data-iterator state; the data pipeline starts from its"
-                        " beginning.", manager.directory, step,
+                    "Checkpoint %s/%d holds no data-iterator state; the data pipeline starts from its"
+                    " beginning.", manager.directory, step,
                 )
         items[META_ITEM] = ocp.args.JsonRestore()
         try:
@@ -291,22 +291,22 @@ class Checkpointer:
         except ValueError as e:
             if DATA_ITER_ITEM in items and "process_" in str(e):
                 raise ValueError(
-                        f"Cannot restore the data-iterator state of {manager.directory}/{step} with"
-                        f" {jax.process_count()} processes: it was saved by a different process count ({e})."
-                        " Resume with the same number of processes."
+                    f"Cannot restore the data-iterator state of {manager.directory}/{step} with"
+                    f" {jax.process_count()} processes: it was saved by a different process count ({e})."
+                    " Resume with the same number of processes."
                 ) from e
             raise
         meta = restored[META_ITEM] or {}
         saved_hash = meta.get("config_hash")
         if self.config_hash and saved_hash and saved_hash != self.config_hash:
             log.warning(
-                    "Restoring %s/%d saved with config hash %s, current config hash is %s.",
-                    manager.directory, step, saved_hash, self.config_hash,
+                "Restoring %s/%d saved with config hash %s, current config hash is %s.",
+                manager.directory, step, saved_hash, self.config_hash,
             )
         return restored[STATE_ITEM]
 
     def restore_latest(
-            self, abstract_state: PyTree, data_iter: Any | None = None
+        self, abstract_state: PyTree, data_iter: Any | None = None
     ) -> tuple[int, PyTree] | None:
         """Restores the newest checkpoint onto ``abstract_state``'s shapes/dtypes/shardings.
 
@@ -334,7 +334,7 @@ class Checkpointer:
         if step is None:
             return None
         return manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[
-                META_ITEM
+            META_ITEM
         ]
 
     # -- lifecycle --------------------------------------------------------------
@@ -371,7 +371,9 @@ def _latest_step_dir(manager_dir: epath.Path) -> epath.Path | None:
     return manager_dir / str(max(steps)) if steps else None
 
 
-def resolve_params_checkpoint(path: str | os.PathLike[str], prefer: str = "best") -> tuple[epath.Path, bool]:
+def resolve_params_checkpoint(
+    path: str | os.PathLike[str], prefer: str = "best"
+) -> tuple[epath.Path, bool]:
     """Finds the orbax pytree directory that holds params under ``path``.
 
     ``path`` may be a workdir (uses ``checkpoints/<prefer>``, falling back to the other), a
@@ -398,9 +400,9 @@ def resolve_params_checkpoint(path: str | os.PathLike[str], prefer: str = "best"
             if step_dir is not None:
                 return step_dir / STATE_ITEM, True
     raise CheckpointNotFoundError(
-            f"No checkpoint found under {os.fspath(path)!r}. Expected a workdir with"
-            " checkpoints/{best,latest}/<step>/, a checkpoint step directory, or a"
-            " `python -m cinjax.convert` output directory containing params/."
+        f"No checkpoint found under {os.fspath(path)!r}. Expected a workdir with"
+        " checkpoints/{best,latest}/<step>/, a checkpoint step directory, or a"
+        " `python -m cinjax.convert` output directory containing params/."
     )
 
 
@@ -514,10 +516,10 @@ class PreemptionFlag:
     """
 
     def __init__(
-            self,
-            signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
-            *,
-            sync_every: int = 10,
+        self,
+        signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+        *,
+        sync_every: int = 10,
     ):
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}.")
@@ -556,7 +558,7 @@ class PreemptionFlag:
         self.signal_name = signal.Signals(signum).name
         self._event.set()
         log.warning(
-                "Received %s: will save a checkpoint and stop at the next step boundary.", self.signal_name
+            "Received %s: will save a checkpoint and stop at the next step boundary.", self.signal_name
         )
 
     def set(self) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,6 +143,23 @@ def test_data_iterator_state_roundtrip_with_async_save(tmp_path, state):
     assert step == 5
     assert [next(fresh) for _ in range(8)] == expected
     assert sorted(seen + expected) != list(range(13))  # the shuffle is real, so order matters
+
+
+def test_data_iterator_missing_or_from_other_process_count(tmp_path, state, caplog):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)  # saved without an iterator
+        ckpt.save(2, state, data_iter=_iterator())
+    item_dir = tmp_path / "checkpoints" / "latest" / "2" / "data_iter"
+    os.rename(item_dir / "process_0-of-1.json", item_dir / "process_0-of-2.json")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match="saved by a different process count"):
+            ckpt.restore_latest(_abstract(state), data_iter=_iterator())
+    shutil.rmtree(tmp_path / "checkpoints" / "latest" / "2")
+    fresh = _iterator()
+    with Checkpointer(tmp_path) as ckpt:
+        step, _ = ckpt.restore_latest(_abstract(state), data_iter=fresh)
+    assert step == 1 and "no data-iterator state" in caplog.text
+    assert [next(fresh) for _ in range(5)] == list(itertools.islice(_iterator(), 5))  # untouched
 
 
 def test_restore_onto_8_device_mesh(tmp_path, state):
