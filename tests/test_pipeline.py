@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from cinjax.data import cache, pipeline
+from cinjax.data import cache, pipeline, transforms
 
 SHAPE = (10, 10, 10)
 CROP = (4, 4, 4)
@@ -274,6 +274,23 @@ def test_invalid_configurations(records, mesh):
         make({"CT": records["CT"] + records["MR"][:1]}, mesh, mode="single")
     with pytest.raises(ValueError, match="must match"):
         make({1: records["CT"], 0: records["MR"]}, mesh)
+    with pytest.raises(ValueError, match="smaller than the crop size"):
+        pipeline.make_train_loader(records, mesh=mesh, global_batch_size=8,
+                                   transform_cfg=transforms.TransformConfig(roi=(12, 12, 4)))
     unlabelled = [pipeline.VolumeRecord("u", 0, os.devnull, SHAPE, False)]
     with pytest.raises(ValueError, match="unlabelled"):
         make({"CT": unlabelled, "MR": records["MR"]}, mesh)
+
+
+def test_default_sample_fn_is_the_training_transform(records, mesh):
+    """With no sample_fn the loader runs transforms.train_sample: ROI crops, right dtypes, same layout."""
+    cfg = transforms.TransformConfig(roi=CROP)
+    loader = pipeline.make_train_loader(records, mesh=mesh, global_batch_size=8, seed=1, transform_cfg=cfg)
+    again = pipeline.make_train_loader(records, mesh=mesh, global_batch_size=8, seed=1, transform_cfg=cfg)
+    for step in range(2):
+        batch, other = next(loader), next(again)
+        assert batch["image"].dtype == np.float32 and batch["image"].shape == (8, *CROP, 1)
+        assert batch["label"].dtype == np.int32 and batch["modality"].dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(batch["modality"]), loader.expected_modalities(step))
+        np.testing.assert_array_equal(np.asarray(batch["image"]), np.asarray(other["image"]))
+        assert set(np.unique(np.asarray(batch["label"])).tolist()) <= {0, 1, 2, 3}

@@ -54,6 +54,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cinjax.data import transforms
 from cinjax.data.cache import VolumeRecord
 
 MODES = ("interleave", "joint", "single")
@@ -194,12 +195,6 @@ class _Sample:
         return sample
 
 
-def _default_sample_fn() -> SampleFn:
-    from cinjax.data import transforms  # noqa: PLC0415  (transforms imports nothing from here)
-
-    return transforms.train_sample
-
-
 def _seed32(*entropy: int) -> int:
     return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
 
@@ -237,7 +232,9 @@ def _resolve_ratios(keys: list, ratios, mode: str) -> tuple[int, ...]:
         return (1,) * len(keys)
     if isinstance(ratios, Mapping):
         if set(ratios) != set(keys):
-            raise ValueError(f"ratios keys {sorted(map(str, ratios))} must equal modality keys {sorted(map(str, keys))}.")
+            raise ValueError(
+                f"ratios keys {sorted(map(str, ratios))} must equal the modality keys {sorted(map(str, keys))}."
+            )
         values = [ratios[k] for k in keys]
     else:
         values = list(ratios)
@@ -382,8 +379,16 @@ def make_train_loader(
     if global_batch_size <= 0 or global_batch_size % num_shards:
         raise ValueError(
             f"global_batch_size={global_batch_size} must be a positive multiple of the {num_shards} "
-            f"data-parallel devices (mesh axis {data_axis!r}); e.g. {num_shards * max(1, global_batch_size // num_shards)}."
+            f"data-parallel devices (mesh axis {data_axis!r}), e.g. "
+            f"{num_shards * max(1, global_batch_size // num_shards)}."
         )
+    roi = getattr(transform_cfg if transform_cfg is not None else transforms.TransformConfig(), "roi", None)
+    if roi is not None:
+        small = [(r.key, r.shape) for recs in records_by_modality.values() for r in recs
+                 if any(s < c for s, c in zip(r.shape, roi))]
+        if small:
+            raise ValueError(f"Volumes smaller than the crop size {tuple(roi)}: {small[:5]}; preprocessing must "
+                             "pad every volume to at least the ROI (rebuild the cache with this roi).")
     if num_workers < 0 or prefetch < 0:
         raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0.")
     schedule = ModalitySchedule(mode, proportions, global_batch_size, global_batch_size // num_shards)
@@ -395,13 +400,15 @@ def make_train_loader(
         for k, mid in zip(keys, modality_ids)
     ]
     canonical = grain.MapDataset.select_from_datasets(streams, schedule)
-    canonical = canonical.random_map(_Sample(sample_fn or _default_sample_fn(), transform_cfg), seed=_seed32(seed, 2))
+    sample = _Sample(sample_fn or transforms.train_sample, transform_cfg)
+    canonical = canonical.random_map(sample, seed=_seed32(seed, 2))
     local = grain.MapDataset.select_from_datasets([canonical], ProcessRows(rows, global_batch_size))
     ds = local.batch(len(rows)).to_iter_dataset(
         grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
     )
     if num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)))
+        options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch))
+        ds = ds.mp_prefetch(options)
     return TrainLoader(
         iter(ds),
         schedule=schedule,
