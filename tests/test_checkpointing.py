@@ -95,6 +95,24 @@ def test_roundtrip_adamw_state_step_rng(tmp_path, state):
     assert meta["metrics"] == {"loss": 0.5, "bad": None}
 
 
+def test_async_save_survives_donating_the_state(tmp_path, state):
+    """The trainer donates the state to the next step right after ``save`` returns."""
+    overwrite = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 + 7 if x.dtype == jnp.float32 else x, s),
+                        donate_argnums=0)
+    live = jax.tree.map(jnp.copy, state)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, live)
+        saved = live
+        for _ in range(3):
+            live = overwrite(live)
+        jax.block_until_ready(live)
+        ckpt.wait()
+        _, restored = ckpt.restore_latest(_abstract(state))
+    assert float(live["params"]["head"]["bias"][0]) == 7.0
+    assert saved["params"]["head"]["kernel"].is_deleted()  # the donation really happened
+    _assert_tree_equal(restored, state)  # `live` was a copy of `state`; its buffers were donated
+
+
 def test_latest_and_best_are_kept_separately(tmp_path, state):
     with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         for step in (1, 2, 3, 4):
