@@ -27,7 +27,8 @@ element ``n`` of its shuffled, repeated record stream, so every epoch of a modal
 volumes once before any repeats.
 
 Invariance across process layouts: the global batch at step ``s`` (records, crops, augmentations) is a
-function of (records, seed, mode, ratios, ``B``, ``N``) only. Each process computes just the rows held
+function of (records, seed, mode, ratios, ``B``, ``N``) only, not of the number of processes, workers
+or prefetch threads (changing ``N`` changes ``b`` and so the layout). Each process computes just the rows held
 by its devices (the sharded equivalent of ``ds[process_index::process_count]``, laid out block-wise as
 ``make_array_from_process_local_data`` expects), so the union of the process-local batches of a
 2-process x 2-device run equals the batch of a 1-process x 4-device run, row for row.
