@@ -143,6 +143,7 @@ def monai_transforms():
     ("LPS", (0.8, 1.3, 2.0), (1.0, 1.0, 1.0), 0.0),
     ("PIL", (1.7, 0.6, 1.1), (1.0, 1.5, 0.9), 0.0),
     ("ASL", (1.2, 0.9, 1.0), (1.0, 1.0, 1.0), 0.1),
+    ("PLS", (1.2, 1.2, 2.0), (1.0, 1.0, 1.0), 0.0),  # 2 mm -> 1 mm: every other output plane is a tie
 ])
 def test_matches_monai_transforms_1_to_6(tmp_path, monai_transforms, codes, spacing, target, rotate):
     ip, lp = _write(tmp_path, "v", _affine(codes, spacing, rotate=rotate))
@@ -151,8 +152,17 @@ def test_matches_monai_transforms_1_to_6(tmp_path, monai_transforms, codes, spac
     image, label, meta = preprocess.preprocess_volume(_task(ip, lp, spacing=target, roi=roi))
     assert image.shape == tuple(ref["image"].shape[1:])
     np.testing.assert_allclose(image, ref["image"][0].numpy(), atol=1e-6)
-    np.testing.assert_array_equal(label, ref["label"][0].numpy().astype(np.uint8))
     np.testing.assert_allclose(np.asarray(meta["affine"]), ref["image"].affine.numpy(), atol=1e-9)
+    # Labels agree exactly except on exact half-voxel ties, which MONAI breaks by float noise.
+    mismatch = label != ref["label"][0].numpy().astype(np.uint8)
+    xform = np.linalg.solve(np.asarray(meta["ras"]["affine"]), np.asarray(meta["resampled"]["affine"]))
+    tie = np.zeros(label.shape, bool)
+    for ax in range(3):
+        c = xform[ax, ax] * (np.arange(label.shape[ax]) - meta["pad"][ax][0]) + xform[ax, 3]
+        on_tie = np.isclose(c - np.floor(c), 0.5, atol=1e-9)
+        tie |= on_tie.reshape([-1 if a == ax else 1 for a in range(3)])
+    assert not (mismatch & ~tie).any()
+    assert mismatch.mean() < 0.01
 
 
 # ------------------------------------------------------------------------------------------- intensity
