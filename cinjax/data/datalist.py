@@ -169,7 +169,7 @@ def read_datalist(json_path: str, data_dir: str | None, modalities: Mapping[str,
     if not any(s in doc for s in SPLITS):
         fail(f"{json_path}: no 'training', 'validation' or 'test' list found.")
         return out
-    base = data_dir if data_dir is not None else os.path.dirname(os.path.abspath(json_path))
+    base = os.path.abspath(data_dir if data_dir is not None else os.path.dirname(os.path.abspath(json_path)))
     for split in SPLITS:
         items = doc.get(split) or []
         if not isinstance(items, Sequence) or isinstance(items, str):
@@ -242,7 +242,7 @@ def discover_mmwhs(root: str, modalities: Mapping[str, int], validation_ids: Map
 def collect_entries(data: Any, problems: list[str] | None = None) -> dict[str, list[Entry]]:
     """All entries of the configured datalists, per split (see cinjax.data.config for the keys)."""
     modalities = check_modalities(data.modalities)
-    root = os.path.expanduser(data.root)
+    root = os.path.abspath(os.path.expanduser(data.root))
     if data.layout == "mmwhs":
         mm = data.mmwhs
         return discover_mmwhs(root, modalities, dict(mm.validation_ids), mm.image_suffix, mm.label_suffix,
