@@ -3,16 +3,15 @@ conv lowering and remat invariance, config validation."""
 
 import jax
 import jax.numpy as jnp
+import monai.networks.blocks as monai_blocks
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-monai_blocks = pytest.importorskip("monai.networks.blocks")
-
-from cinjax.models import build_model  # noqa: E402
-from cinjax.models.convert.common import apply_entries  # noqa: E402
-from cinjax.models.convert.unet import mi_seg_entries  # noqa: E402
-from cinjax.models.unet import UNet  # noqa: E402
+from cinjax.models import build_model
+from cinjax.models.convert.common import apply_entries
+from cinjax.models.convert.unet import mi_seg_entries
+from cinjax.models.unet import UNet
 
 CHANNELS = (4, 8, 16, 32)
 STRIDES = (1, 2, 2, 1)

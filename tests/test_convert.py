@@ -1,0 +1,255 @@
+"""MI-Seg weight import: strict loads of the released architectures' key sets (from MI-Seg's own
+state-dict listing), wrappers / prefixes, corrupted key sets, non-strict loads, the CLI round trip."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from cinjax.models.convert import (
+    CheckpointMismatchError,
+    load_mi_seg,
+    mi_seg_args_to_config,
+    parse_mi_seg_args,
+)
+
+KEYS_FILE = "/work/shared/reference/mi-seg-state-dict-keys.txt"
+KEYS_FILE = os.environ.get(
+    "CINJAX_MI_SEG_KEYS",
+    KEYS_FILE if os.path.exists(KEYS_FILE) else os.path.join(os.path.dirname(__file__), "data", "mi-seg-state-dict-keys.txt"),
+)
+
+TINY_ARGS = [
+    "--model_name=unet_vanilla", "--encoder_norm_name=instance_cond", "--feature_size", "4", "8", "16",
+    "--strides", "1", "2", "1", "--num_res_units=1", "--out_channels=3",
+]
+
+
+def keys_section(name: str) -> tuple[list[str], dict[str, tuple[tuple[int, ...], str]]]:
+    """(argv, {key: (shape, dtype)}) of one ``## [name]`` section of MI-Seg's state-dict listing."""
+    argv, keys, on = None, {}, False
+    with open(KEYS_FILE) as f:
+        for line in f:
+            if line.startswith("## ["):
+                on = line.strip() == f"## [{name}]"
+            elif on and line.startswith("## argv:"):
+                argv = line.split("argv:", 1)[1].split()
+            elif on and line.strip() and not line.startswith("#"):
+                key, shape, dtype, _ = line.rstrip("\n").split("\t")
+                keys[key] = (tuple(int(i) for i in shape.strip("[]").split(",") if i.strip()), dtype)
+    assert argv and keys, f"section {name} not found in {KEYS_FILE}"
+    return argv, keys
+
+
+def random_state_dict(keys, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        k: rng.standard_normal(shape).astype(np.float32) if dtype == "float32" else np.zeros(shape, np.int64)
+        for k, (shape, dtype) in keys.items()
+    }
+
+
+def _n_params(params):
+    return sum(np.size(p) for p in jax.tree.leaves(params))
+
+
+@pytest.fixture(scope="module")
+def unet_best():
+    argv, keys = keys_section("unet_vanilla_readme_best")
+    return argv, random_state_dict(keys)
+
+
+def test_readme_best_unet_loads_strictly(unet_best):
+    argv, sd = unet_best
+    model, params, report = load_mi_seg(sd, argv, return_report=True)
+    assert report.ok and len(report.loaded) == 228
+    assert _n_params(params) == 62_562_904
+    flat = traverse_util.flatten_dict(params)
+    # Spot-check layouts: conv OIDHW → DHWIO, CIN rows stacked per modality, PReLU (1,) → scalar.
+    np.testing.assert_array_equal(
+        flat[("down_0_0", "unit0", "conv", "kernel")],
+        np.transpose(sd["down_path.0.0.conv.unit0.conv.weight"], (2, 3, 4, 1, 0)),
+    )
+    np.testing.assert_array_equal(
+        flat[("down_3_2", "unit1", "norm", "scale")][1], sd["down_path.3.2.conv.unit1.adn.N.norms.1.weight"]
+    )
+    np.testing.assert_array_equal(
+        flat[("up_2", "unit0", "norm", "bias")], sd["up_path.2.1.conv.unit0.adn.N.bias"]
+    )
+    assert flat[("up_0", "unit1", "act", "negative_slope")] == sd["up_path.0.1.conv.unit1.adn.A.weight"][0]
+    np.testing.assert_array_equal(
+        flat[("up_3", "residual", "kernel")][0, 0, 0], sd["up_path.3.1.residual.weight"][:, :, 0, 0, 0].T
+    )
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 10, "best_acc": 0.9},
+        lambda sd: {f"model.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["state_dict", "lightning_prefix", "ddp_prefix"],
+)
+def test_wrappers_and_prefixes(unet_best, wrap):
+    argv, sd = unet_best
+    _, params, report = load_mi_seg(wrap(sd), argv, return_report=True)
+    assert report.ok
+    np.testing.assert_array_equal(params["out"]["bias"], sd["out.conv.bias"])
+
+
+def test_corrupted_key_set_is_reported(unet_best):
+    argv, sd = unet_best
+    bad = dict(sd)
+    del bad["down_path.1.2.conv.unit0.conv.bias"]
+    bad["down_path.9.0.conv.unit0.conv.weight"] = np.zeros((1,), np.float32)
+    bad["up_path.1.1.residual.weight"] = np.zeros((128, 384, 3, 3, 3), np.float32)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_mi_seg(bad, argv)
+    report = err.value.report
+    assert report.missing == ["down_path.1.2.conv.unit0.conv.bias"]
+    assert report.unexpected == ["down_path.9.0.conv.unit0.conv.weight"]
+    assert [m[0] for m in report.mismatched] == ["up_path.1.1.residual.weight"]
+    text = str(err.value)
+    for key in ("down_path.1.2.conv.unit0.conv.bias", "down_path.9.0.conv.unit0.conv.weight",
+                "up_path.1.1.residual.weight", "strict=False"):
+        assert key in text
+
+
+def test_wrong_flags_are_reported(unet_best):
+    argv, sd = unet_best
+    with pytest.raises(CheckpointMismatchError, match="mis-shaped"):
+        load_mi_seg(sd, [a if a != "--out_channels=8" else "--out_channels=6" for a in argv])
+    # Plain instance norm in the encoder: the checkpoint's CIN rows are unexpected, weight/bias missing.
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_mi_seg(sd, [a for a in argv if "encoder_norm" not in a])
+    assert "down_path.0.0.conv.unit0.adn.N.norms.0.weight" in err.value.report.unexpected
+    assert "down_path.0.0.conv.unit0.adn.N.weight" in err.value.report.missing
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small C-UNet state dict made by the converter's inverse: random params → MI-Seg keys."""
+    config = mi_seg_args_to_config(TINY_ARGS)
+    from cinjax.models import build_model
+
+    model = build_model(config)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 8, 8, 1)), jnp.float32)
+    modality = jnp.array([0, 1], jnp.int32)
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jax.random.normal(jax.random.key(7), p.shape),
+        jax.jit(model.init)(jax.random.key(1), x, modality)["params"],
+    )
+    sd = {}
+    for path, v in traverse_util.flatten_dict(params).items():
+        v = np.array(v)
+        top = path[0]
+        if top in ("pre_conv", "out"):
+            prefix = f"{top}.conv"
+        elif top.startswith("down_"):
+            _, k, r = top.split("_")
+            prefix = f"down_path.{k}.{r}"
+        else:
+            prefix = f"up_path.{top.split('_')[1]}.1"
+        leaf = {"kernel": "weight", "bias": "bias", "scale": "weight", "negative_slope": "weight"}[path[-1]]
+        if path[-1] == "kernel":
+            v = np.transpose(v, (4, 3, 0, 1, 2))
+        if len(path) == 2:
+            sd[f"{prefix}.{leaf}"] = v
+        elif path[1] == "residual":
+            sd[f"{prefix}.residual.{leaf}"] = v
+        elif path[2] == "conv":
+            sd[f"{prefix}.conv.{path[1]}.conv.{leaf}"] = v
+        elif path[2] == "act":
+            sd[f"{prefix}.conv.{path[1]}.adn.A.weight"] = v.reshape(1)
+        elif v.ndim == 2:
+            for m in range(v.shape[0]):
+                sd[f"{prefix}.conv.{path[1]}.adn.N.norms.{m}.{leaf}"] = v[m]
+        else:
+            sd[f"{prefix}.conv.{path[1]}.adn.N.{leaf}"] = v
+    logits = jax.jit(model.apply)({"params": params}, x, modality)
+    return dict(sd=sd, params=params, x=x, modality=modality, logits=np.asarray(logits))
+
+
+def test_small_model_strict_load_and_forward(tiny):
+    model, params = load_mi_seg(tiny["sd"], TINY_ARGS)
+    jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, tiny["params"]))
+    out = jax.jit(model.apply)({"params": params}, tiny["x"], tiny["modality"])
+    np.testing.assert_allclose(out, tiny["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_non_strict_load_keeps_what_fits(tiny, caplog):
+    sd = dict(tiny["sd"])
+    del sd["out.conv.bias"]
+    sd["out.conv.weight"] = np.zeros((5, 4, 1, 1, 1), np.float32)
+    sd["extra.weight"] = np.zeros((2,), np.float32)
+    model, params, report = load_mi_seg(sd, TINY_ARGS, strict=False, return_report=True)
+    assert report.missing == ["out.conv.bias"] and report.unexpected == ["extra.weight"]
+    assert len(report.mismatched) == 1
+    assert "Non-strict load" in caplog.text
+    np.testing.assert_array_equal(params["pre_conv"]["kernel"], tiny["params"]["pre_conv"]["kernel"])
+    assert params["out"]["kernel"].shape == (1, 1, 1, 4, 3) and params["out"]["bias"].shape == (3,)
+    out = jax.jit(model.apply)({"params": params}, tiny["x"], tiny["modality"])
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_num_modalities_override(tiny):
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_mi_seg(tiny["sd"], TINY_ARGS, num_modalities=3)
+    assert "down_path.0.0.conv.unit0.adn.N.norms.2.weight" in err.value.report.missing
+
+
+def test_mi_seg_flag_parsing():
+    a = parse_mi_seg_args(["--model=swin_unetr", "--feature_size=36", "--lr", "1e-3", "--checkpoint", "x.pt"])
+    assert a["model_name"] == "swin_unetr" and a["feature_size"] == [36] and a["in_channels"] == 1
+    assert a["num_styles"] == 2 and a["out_channels"] == 14 and a["depth_swin_block"] == [2]
+    cfg = mi_seg_args_to_config({"model_name": "unet_vanilla", "feature_size": [4, 8], "strides": [1, 2],
+                                 "decoder_norm_no_affine": True, "encoder_norm_name": "instance_cond"})
+    assert cfg.channels == (4, 8) and cfg.norm_affine is False and cfg.encoder_norm == "instance_cond"
+    with pytest.raises(ValueError, match="not supported"):
+        mi_seg_args_to_config(["--model_name=unetr"])
+    with pytest.raises(ValueError, match="not supported"):
+        mi_seg_args_to_config(["--model_name=unet_vanilla", "--adn_ordering=ADN"])
+    with pytest.raises(ValueError, match="one `norm_affine`"):
+        mi_seg_args_to_config(["--model_name=unet_vanilla", "--encoder_norm_no_affine"])
+
+
+def test_convert_cli_round_trip(tiny, tmp_path):
+    import torch
+
+    from cinjax.convert import load_converted, main
+
+    pt = tmp_path / "best.pt"
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tiny["sd"].items()}, "epoch": 1}, pt)
+    out = tmp_path / "converted"
+    main(["--checkpoint", str(pt), "--out", str(out), "--", *TINY_ARGS])
+    model, params = load_converted(out)
+    _, ref = load_mi_seg(str(pt), TINY_ARGS)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), ref)
+    info = json.loads((out / "conversion.json").read_text())
+    assert info["report"]["ok"] and info["in_channels"] == 1
+    assert (out / "model_config.py").exists()
+    out = jax.jit(model.apply)({"params": params}, tiny["x"], tiny["modality"])
+    np.testing.assert_allclose(out, tiny["logits"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "section, n_params",
+    [("swin_unetr_readme_fs36_h4", 35_162_156), ("swin_unetr_readme_fs48_h3", 62_218_298)],
+)
+def test_readme_swin_unetr_loads_strictly(section, n_params):
+    argv, keys = keys_section(section)
+    sd = random_state_dict(keys)
+    model, params, report = load_mi_seg(sd, argv, return_report=True)
+    assert report.ok
+    assert len(report.loaded) == sum(1 for k in keys if not k.endswith("relative_position_index"))
+    assert _n_params(params) == n_params
+    assert model.vit_norm == "instance_cond" and model.encoder_norm == "instance_cond"
+    assert model.decoder_norm == "instance"
+    flat = traverse_util.flatten_dict(params)
+    cin = [p for p in flat if p[-1] == "scale" and flat[p].ndim == 2]
+    assert cin and all(flat[p].shape[0] == 2 for p in cin)
