@@ -122,12 +122,14 @@ def test_matches_monai(predictor, blend, shape, overlap):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_host_and_device_stitching_agree(predictor):
-    image = RNG.standard_normal((20, 18, 13, C)).astype(np.float32)
+@pytest.mark.parametrize("shape", [(20, 18, 13), (3, 6, 7)])
+def test_host_and_device_stitching_agree(predictor, shape):
+    image = RNG.standard_normal((*shape, C)).astype(np.float32)
     kw = dict(overlap=0.5, blend="gaussian")
     host = sliding_window_inference(predictor, image, 0, ROI, stitch_on_host=True, **kw)
     device = sliding_window_inference(predictor, jnp.asarray(image), 0, ROI, stitch_on_host=False, **kw)
     assert isinstance(host, np.ndarray) and isinstance(device, jax.Array)
+    assert host.shape == device.shape == (*shape, K)
     np.testing.assert_allclose(host, np.asarray(device), rtol=1e-6, atol=1e-6)
 
 
@@ -211,3 +213,31 @@ def test_clear_errors(predictor):
         sliding_window_inference(jax.jit(lambda w, m: w[:, ::2, ::2, ::2]), image, 0, ROI)
     with pytest.raises(ValueError, match="overlap"):
         dense_windows((9, 9, 9), ROI, 1.0)
+
+
+def test_conditional_unet_windows_batch_independently():
+    """A real C-UNet (CIN encoder): windows batched 4 per call equal windows run one at a time.
+
+    MI-Seg had to use one window per call with CIN; here every window carries its modality id and
+    instance statistics are per window, so batching windows changes nothing.
+    """
+    from cinjax.models.unet import UNet
+
+    model = UNet(out_channels=K, channels=(4, 8), strides=(1, 2), num_res_units=1)
+    image = RNG.standard_normal((12, 10, 9, C)).astype(np.float32)
+    # Random values of the right shapes (compiling model.init costs more than the whole test).
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((4, *ROI, C)), jnp.zeros(4, jnp.int32))
+    r = np.random.default_rng(2)
+    variables = jax.tree.map(lambda p: jnp.asarray(0.3 * r.standard_normal(p.shape), jnp.float32), shapes)
+    fn = jax.jit(functools.partial(model.apply, variables))
+
+    def one_at_a_time(windows, modality):  # each window alone (copies fill the batch of 4)
+        return jnp.concatenate([fn(jnp.repeat(windows[i : i + 1], 4, 0), modality)[:1] for i in range(4)])
+
+    results = {}
+    for modality in (0, 1):
+        batched = sliding_window_inference(fn, image, modality, ROI, windows_per_call=4)
+        alone = sliding_window_inference(one_at_a_time, image, modality, ROI, windows_per_call=4)
+        np.testing.assert_allclose(np.asarray(batched), np.asarray(alone), rtol=1e-5, atol=1e-5)
+        results[modality] = np.asarray(batched)
+    assert np.abs(results[0] - results[1]).mean() > 1e-2
