@@ -1,0 +1,207 @@
+"""Norm layers: ConditionalInstanceNorm against a numpy reference and its invariants (per-modality
+gradients, batch independence, invalid ids), fp32 statistics under bf16, plain norms against PyTorch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cinjax.models.layers.norms import (
+    BatchNorm,
+    ConditionalInstanceNorm,
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    check_modality_ids,
+    make_norm,
+)
+
+M = 3
+
+
+def cin_reference(x, modality, scale, bias, eps=1e-5):
+    """MI-Seg's CIN: per sample, an instance norm (biased variance) with that modality's affine row."""
+    x = np.asarray(x, np.float64)
+    out = np.empty_like(x)
+    axes = tuple(range(x.ndim - 2))
+    for i, m in enumerate(modality):
+        xi = x[i]
+        mean = xi.mean(axis=axes, keepdims=True)
+        var = ((xi - mean) ** 2).mean(axis=axes, keepdims=True)
+        out[i] = (xi - mean) / np.sqrt(var + eps) * scale[m] + bias[m]
+    return out
+
+
+def _tables(c, seed=0):
+    rng = np.random.default_rng(seed)
+    return (1.0 + rng.standard_normal((M, c))).astype(np.float32), rng.standard_normal((M, c)).astype(np.float32)
+
+
+def _cin_params(c, seed=0):
+    scale, bias = _tables(c, seed)
+    return {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}, scale, bias
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6, 4), (3, 7, 5)], ids=["volume", "tokens"])
+def test_cin_matches_numpy_reference(shape):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3.0 + 2.0).astype(np.float32)
+    modality = np.array([2, 0, 2], np.int32)
+    variables, scale, bias = _cin_params(shape[-1])
+    out = jax.jit(ConditionalInstanceNorm(M).apply)(variables, x, modality)
+    np.testing.assert_allclose(out, cin_reference(x, modality, scale, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_cin_init_is_identity_affine():
+    x = np.random.default_rng(2).standard_normal((2, 3, 3, 3, 5)).astype(np.float32)
+    variables = ConditionalInstanceNorm(M).init(jax.random.key(0), x, np.array([0, 1]))
+    assert variables["params"]["scale"].shape == (M, 5)
+    np.testing.assert_array_equal(variables["params"]["scale"], 1.0)
+    np.testing.assert_array_equal(variables["params"]["bias"], 0.0)
+
+
+def test_cin_gradients_reach_only_present_modalities():
+    x = np.random.default_rng(3).standard_normal((2, 3, 4, 5, 4)).astype(np.float32)
+    variables, _, _ = _cin_params(4)
+    w = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+
+    def loss(v):
+        return jnp.sum(ConditionalInstanceNorm(M).apply(v, x, jnp.array([0, 2])) * w)
+
+    g = jax.jit(jax.grad(loss))(variables)["params"]
+    for name in ("scale", "bias"):
+        assert np.all(np.abs(g[name][0]) > 0) and np.all(np.abs(g[name][2]) > 0)
+        np.testing.assert_array_equal(g[name][1], 0.0)
+
+
+def test_cin_sample_does_not_depend_on_batch_mates():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 3, 4, 5, 4)).astype(np.float32)
+    variables, _, _ = _cin_params(4)
+    apply = jax.jit(ConditionalInstanceNorm(M).apply)
+    a = apply(variables, x, np.array([1, 0, 2]))
+    x2 = x.copy()
+    x2[1:] = rng.standard_normal(x2[1:].shape) * 10.0
+    b = apply(variables, x2, np.array([1, 2, 2]))
+    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
+    alone = apply(variables, x[:1], np.array([1]))
+    np.testing.assert_allclose(np.asarray(a)[0], np.asarray(alone)[0], atol=1e-6)
+
+
+def test_cin_out_of_range_id_raises_on_host_and_is_nan_under_jit():
+    x = np.random.default_rng(6).standard_normal((2, 3, 3, 3, 4)).astype(np.float32)
+    variables, _, _ = _cin_params(4)
+    norm = ConditionalInstanceNorm(M)
+    with pytest.raises(ValueError, match=r"\[3\].*valid ids are 0, 1, 2"):
+        norm.apply(variables, x, np.array([0, 3]))
+    with pytest.raises(ValueError, match="CT"):
+        check_modality_ids(np.array([-1]), 2, names=("CT", "MR"))
+    for bad in (3, -1):
+        out = np.asarray(jax.jit(norm.apply)(variables, x, jnp.array([1, bad])))
+        assert np.isfinite(out[0]).all()
+        assert np.isnan(out[1]).all()
+
+
+def test_cin_rejects_missing_or_misshaped_modality():
+    x = np.zeros((2, 3, 3, 3, 4), np.float32)
+    variables, _, _ = _cin_params(4)
+    with pytest.raises(ValueError, match="modality id per sample"):
+        ConditionalInstanceNorm(M).apply(variables, x)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        ConditionalInstanceNorm(M).apply(variables, x, np.array([0, 1, 1]))
+
+
+def test_cin_bf16_input_uses_fp32_statistics():
+    rng = np.random.default_rng(7)
+    # A large offset with a small spread: bf16 statistics would lose the spread entirely.
+    x32 = (100.0 + 0.5 * rng.standard_normal((2, 4, 4, 4, 4))).astype(np.float32)
+    x16 = jnp.asarray(x32, jnp.bfloat16)
+    variables, _, _ = _cin_params(4)
+    apply = jax.jit(ConditionalInstanceNorm(M).apply)
+    out16 = apply(variables, x16, jnp.array([0, 1]))
+    assert out16.dtype == jnp.bfloat16
+    ref = np.asarray(apply(variables, np.asarray(x16, np.float32), jnp.array([0, 1])))
+    np.testing.assert_allclose(np.asarray(out16, np.float32), ref, atol=0.05 * np.abs(ref).max())
+
+
+def _torch(x):
+    return torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
+
+
+def _from_torch(t):
+    return np.moveaxis(t.detach().numpy(), 1, -1)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return (np.random.default_rng(8).standard_normal((2, 3, 4, 5, 8)) * 2.0 + 1.0).astype(np.float32)
+
+
+def _affine(c, seed=9):
+    rng = np.random.default_rng(seed)
+    return (1.0 + rng.standard_normal(c)).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+
+
+def test_instance_norm_matches_torch(volume):
+    w, b = _affine(8)
+    out = InstanceNorm(affine=True).apply({"params": {"scale": w, "bias": b}}, volume)
+    ref = torch.nn.functional.instance_norm(_torch(volume), weight=torch.from_numpy(w), bias=torch.from_numpy(b))
+    np.testing.assert_allclose(out, _from_torch(ref), atol=1e-5)
+    plain = InstanceNorm(affine=False)
+    assert plain.init(jax.random.key(0), volume) == {}
+    ref = torch.nn.functional.instance_norm(_torch(volume))
+    np.testing.assert_allclose(plain.apply({}, volume), _from_torch(ref), atol=1e-5)
+
+
+def test_layer_norm_matches_torch(volume):
+    w, b = _affine(8)
+    out = LayerNorm().apply({"params": {"scale": w, "bias": b}}, volume)
+    ref = torch.nn.functional.layer_norm(torch.from_numpy(volume), (8,), torch.from_numpy(w), torch.from_numpy(b))
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
+
+
+def test_group_norm_matches_torch(volume):
+    w, b = _affine(8)
+    out = GroupNorm(num_groups=4).apply({"params": {"scale": w, "bias": b}}, volume)
+    ref = torch.nn.functional.group_norm(_torch(volume), 4, torch.from_numpy(w), torch.from_numpy(b))
+    np.testing.assert_allclose(out, _from_torch(ref), atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by num_groups"):
+        GroupNorm(num_groups=3).init(jax.random.key(0), volume)
+
+
+def test_batch_norm_matches_torch_in_train_and_eval(volume):
+    bn = BatchNorm()
+    variables = bn.init(jax.random.key(0), volume)
+    out, updates = bn.apply(variables, volume, train=True, mutable=["batch_stats"])
+    tbn = torch.nn.BatchNorm3d(8, eps=1e-5, momentum=0.1).train()
+    ref = tbn(_torch(volume))
+    np.testing.assert_allclose(out, _from_torch(ref), atol=1e-5)
+    stats = updates["batch_stats"]["bn"]
+    np.testing.assert_allclose(stats["mean"], tbn.running_mean.numpy(), atol=1e-6)
+    # PyTorch folds the unbiased batch variance into its running variance, Flax the biased one.
+    biased = volume.reshape(-1, 8).var(axis=0)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * biased, rtol=1e-5)
+    ev = bn.apply({**variables, "batch_stats": updates["batch_stats"]}, volume, train=False)
+    assert np.abs(np.asarray(ev) - np.asarray(out)).max() > 1e-3  # running, not batch, statistics
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [("instance_cond", ConditionalInstanceNorm), ("instance", InstanceNorm), ("layer", LayerNorm),
+     ("batch", BatchNorm), ("group", GroupNorm)],
+)
+def test_make_norm_dispatch(name, cls):
+    norm = make_norm(name, num_modalities=4, affine=False, num_groups=2, module_name="n")
+    assert isinstance(norm, cls) and norm.name == "n"
+    if name == "instance_cond":
+        assert norm.num_modalities == 4
+    elif name == "group":
+        assert norm.num_groups == 2 and norm.affine is False
+    else:
+        assert norm.affine is False
+
+
+def test_make_norm_unknown_name():
+    with pytest.raises(ValueError, match="Unknown norm 'instancecond'.*instance_cond"):
+        make_norm("instancecond")
