@@ -253,3 +253,35 @@ def test_readme_swin_unetr_loads_strictly(section, n_params):
     flat = traverse_util.flatten_dict(params)
     cin = [p for p in flat if p[-1] == "scale" and flat[p].ndim == 2]
     assert cin and all(flat[p].shape[0] == 2 for p in cin)
+
+
+def _model_presets():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "models.py")
+    spec = importlib.util.spec_from_file_location("cinjax_model_presets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "preset, section",
+    [("c_unet", "unet_vanilla_readme_best"), ("c_swin_unetr_fs36", "swin_unetr_readme_fs36_h4"),
+     ("c_swin_unetr_fs48", "swin_unetr_readme_fs48_h3")],
+)
+def test_model_presets_equal_readme_commands(preset, section):
+    argv, _ = keys_section(section)
+    want = mi_seg_args_to_config(argv).to_dict()
+    got = _model_presets().get_config(preset).to_dict()
+    for k, v in got.items():
+        assert want[k] == v, f"{preset}.{k}: {v} != MI-Seg README {want[k]}"
+
+
+def test_non_conditional_presets():
+    presets = _model_presets()
+    assert presets.get_config("unet").encoder_norm == "instance"
+    cfg = presets.get_config("swin_unetr_fs36")
+    assert (cfg.encoder_norm, cfg.vit_norm, cfg.feature_size, cfg.num_heads) == ("instance", "layer", 36, 4)
+    with pytest.raises(ValueError, match="Unknown model preset"):
+        presets.get_config("c_unetr")
