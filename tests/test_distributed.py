@@ -158,18 +158,19 @@ def test_two_processes_build_one_global_batch():
 def test_survivor_fails_fast_when_a_process_dies(scenario):
     """Heartbeat timeout 3 s: the survivor must abort with an error, not hang in the barrier."""
     procs = _launch(scenario)
-    start = time.monotonic()
     try:
-        out, err = procs[0].communicate(timeout=45)
-        elapsed = time.monotonic() - start
+        out, err = procs[0].communicate(timeout=60)
+        ended = time.time()
     finally:
         if scenario == "freeze" and procs[1].poll() is None:
             os.kill(procs[1].pid, signal.SIGKILL)
         for p in procs:
             _stop(p)
     assert procs[0].returncode not in (0, None), out
-    assert "survived_barrier" not in out
-    assert elapsed < 30
+    assert "SURVIVED_BARRIER" not in out
+    waiting = next(line for line in out.splitlines() if line.startswith("WAITING_SINCE"))
+    waiting_since = float(waiting.split()[1])
+    assert ended - waiting_since < 20  # heartbeat timeout 3 s (+ slack for a loaded machine)
     if scenario == "freeze":  # only the heartbeat monitor can notice a silent process
         assert "stopped sending heartbeats" in err, err[-3000:]
     else:  # the collective sees the closed socket, or the heartbeat monitor the missing process
