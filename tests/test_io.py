@@ -31,7 +31,7 @@ def test_write_and_load_round_trip_exactly(tmp_path):
     np.testing.assert_allclose(geom.spacing, (0.8, 1.3, 2.0), rtol=1e-7)
     assert geom.axcodes == ("L", "P", "S")
     lab, lgeom = io.load_label(str(tmp_path / "l.nii.gz"))
-    assert lab.dtype == np.int64 and np.array_equal(lab, label)
+    assert np.issubdtype(lab.dtype, np.integer) and np.array_equal(lab, label)
     np.testing.assert_array_equal(lgeom.affine, geom.affine)
     # The file is readable by plain nibabel with the same sform/qform.
     img = nib.load(str(tmp_path / "l.nii.gz"))
@@ -75,6 +75,13 @@ def test_map_label_codes():
     out = io.map_label_codes(lab, {500: 1, 600: 2, 420: 3, 550: 4, 205: 5, 820: 6, 850: 7}, "x.nii.gz")
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, [[[0, 1, 5], [7, 0, 3]]])
+    for dtype in (np.int16, np.uint16, np.int32):
+        np.testing.assert_array_equal(io.map_label_codes(lab.astype(dtype), {500: 1, 420: 3, 205: 5, 850: 7}, "x"),
+                                      [[[0, 1, 5], [7, 0, 3]]])
+    # Negative codes and a value range too wide for a lookup table.
+    np.testing.assert_array_equal(io.map_label_codes(np.array([[[-1, 0, 3]]], np.int16), {-1: 2, 3: 1}, "x"),
+                                  [[[2, 0, 1]]])
+    np.testing.assert_array_equal(io.map_label_codes(np.array([[[0, 2**30]]]), {2**30: 1}, "x"), [[[0, 1]]])
 
 
 def test_write_nifti_int64_is_stored_as_int32(tmp_path):

@@ -89,7 +89,8 @@ def load_image(path: str) -> tuple[np.ndarray, Geometry]:
 
 
 def load_label(path: str) -> tuple[np.ndarray, Geometry]:
-    """Load a 3D label map as int64 with its geometry; rejects NaN/inf and non-integer values."""
+    """Load a 3D label map as an integer array (the file's integer dtype, or int64 for float files)
+    with its geometry; rejects NaN/inf and non-integer values."""
     img = _open(path, "label")
     data = _read_array(img, path, "label")
     if not np.issubdtype(data.dtype, np.integer):
@@ -99,9 +100,8 @@ def load_label(path: str) -> tuple[np.ndarray, Geometry]:
         if not np.array_equal(rounded, data):
             raise DataError(f"{path}: label has non-integer values (e.g. {data[rounded != data].flat[0]}); "
                             "a label map must hold integer class codes.")
-        data = rounded
-    return np.ascontiguousarray(data, dtype=np.int64), Geometry(np.asarray(img.affine, np.float64),
-                                                                 tuple(data.shape))
+        data = rounded.astype(np.int64)
+    return np.ascontiguousarray(data), Geometry(np.asarray(img.affine, np.float64), tuple(data.shape))
 
 
 def check_pair(image_path: str, image_geom: Geometry, label_path: str, label_geom: Geometry,
@@ -118,9 +118,18 @@ def check_pair(image_path: str, image_geom: Geometry, label_path: str, label_geo
 
 
 def map_label_codes(label: np.ndarray, codes: Mapping[int, int], path: str) -> np.ndarray:
-    """Map file label codes to class ids 0..C-1 (code 0 is background unless mapped explicitly)."""
+    """Map file label codes to class ids 0..C-1 as uint8 (code 0 is background unless mapped)."""
     table = {0: 0, **{int(k): int(v) for k, v in codes.items()}}
-    values = np.unique(label)
+    lo, hi = int(label.min()), int(label.max())
+    if hi - lo < (1 << 20):  # a lookup table over the value range: one pass, no sort
+        if lo == 0 and label.dtype.kind in "ui":  # non-negative: reinterpret as unsigned, no copy
+            offset = label.view(label.dtype.str.replace("i", "u"))
+        else:
+            offset = label.astype(np.int64) - lo
+        counts = np.bincount(offset.reshape(-1), minlength=hi - lo + 1)
+        values = np.flatnonzero(counts) + lo
+    else:
+        offset, values = None, np.unique(label)
     unknown = [int(v) for v in values if int(v) not in table]
     if unknown:
         hint = ""
@@ -128,6 +137,11 @@ def map_label_codes(label: np.ndarray, codes: Mapping[int, int], path: str) -> n
             hint = " These look like MM-WHS codes: set data.label_codes = 'mmwhs'."
         raise DataError(f"{path}: label values {unknown[:10]} are not in the label code map "
                         f"(known codes {sorted(table)}).{hint}")
+    if offset is not None:
+        lut = np.zeros(hi - lo + 1, np.uint8)
+        for v in values:
+            lut[int(v) - lo] = table[int(v)]
+        return lut[offset]
     out = np.zeros(label.shape, np.uint8)
     for v in values:
         out[label == v] = table[int(v)]

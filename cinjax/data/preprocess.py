@@ -247,19 +247,20 @@ class Task:
                 "spacing": list(self.spacing), "roi": list(self.roi), "intensity": self.intensity}
 
 
-def check_volume(task: Task) -> list[str]:
-    """Every problem of one volume (each message names the file); empty if it is usable."""
+def _load_checked(task: Task) -> tuple[list[str], np.ndarray | None, Geometry | None, np.ndarray | None]:
+    """Load image and label once -> (every problem, image, image geometry, label as class ids)."""
     e = task.entry
     problems = []
-    image_geom = label = label_geom = None
+    image = image_geom = label = label_geom = None
     try:
-        _, image_geom = load_image(e.image)
+        image, image_geom = load_image(e.image)
     except DataError as err:
         problems.append(str(err))
     if e.label is not None:
         try:
             raw, label_geom = load_label(e.label)
             label = map_label_codes(raw, task.codes, e.label)
+            del raw
         except DataError as err:
             problems.append(str(err))
     if image_geom is not None and label_geom is not None:
@@ -267,23 +268,23 @@ def check_volume(task: Task) -> list[str]:
             check_pair(e.image, image_geom, e.label, label_geom, task.affine_atol)
         except DataError as err:
             problems.append(str(err))
-    if label is not None and task.needs_foreground and not (label > 0).any():
+    if label is not None and task.needs_foreground and not label.any():
         problems.append(f"{e.label}: label has no foreground voxels; a training volume needs at least one "
                         "labelled voxel (remove it from the training list or fix the label).")
-    return problems
+    return problems, image, image_geom, label
+
+
+def check_volume(task: Task) -> list[str]:
+    """Every problem of one volume (each message names the file); empty if it is usable."""
+    return _load_checked(task)[0]
 
 
 def preprocess_volume(task: Task) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Load, check, reorient, resample, scale and pad one volume -> (image, label | None, meta)."""
     e = task.entry
-    problems = check_volume(task)
+    problems, image, geom, label = _load_checked(task)
     if problems:
         raise DataError("\n".join(problems))
-    image, geom = load_image(e.image)
-    label = None
-    if e.label is not None:
-        raw, _ = load_label(e.label)
-        label = map_label_codes(raw, task.codes, e.label)
     image, ras_affine, ornt = to_ras(image, geom.affine)
     if label is not None:
         label, _, _ = to_ras(label, geom.affine)
