@@ -76,8 +76,8 @@ def test_map_label_codes():
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, [[[0, 1, 5], [7, 0, 3]]])
     for dtype in (np.int16, np.uint16, np.int32):
-        np.testing.assert_array_equal(io.map_label_codes(lab.astype(dtype), {500: 1, 420: 3, 205: 5, 850: 7}, "x"),
-                                      [[[0, 1, 5], [7, 0, 3]]])
+        out = io.map_label_codes(lab.astype(dtype), {500: 1, 420: 3, 205: 5, 850: 7}, "x")
+        np.testing.assert_array_equal(out, [[[0, 1, 5], [7, 0, 3]]])
     # Negative codes and a value range too wide for a lookup table.
     np.testing.assert_array_equal(io.map_label_codes(np.array([[[-1, 0, 3]]], np.int16), {-1: 2, 3: 1}, "x"),
                                   [[[2, 0, 1]]])
@@ -85,7 +85,8 @@ def test_map_label_codes():
 
 
 def test_write_nifti_int64_is_stored_as_int32(tmp_path):
-    io.write_nifti(str(tmp_path / "sub" / "p.nii.gz"), np.arange(8, dtype=np.int64).reshape(2, 2, 2), np.eye(4))
+    array = np.arange(8, dtype=np.int64).reshape(2, 2, 2)
+    io.write_nifti(str(tmp_path / "sub" / "p.nii.gz"), array, np.eye(4))
     img = nib.load(str(tmp_path / "sub" / "p.nii.gz"))
     assert img.get_data_dtype() == np.int32
     np.testing.assert_array_equal(np.asarray(img.dataobj), np.arange(8).reshape(2, 2, 2))

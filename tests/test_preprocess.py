@@ -51,7 +51,8 @@ def _write(d, name, aff, seed=0):
 def _task(ip, lp, spacing=(1.0, 1.0, 1.0), roi=(16, 16, 16), intensity=MINMAX, split="training"):
     return preprocess.Task(entry=Entry(ip, lp, 0, split, "test"), modality_name="CT",
                            needs_foreground=split == "training", codes={0: 0, 1: 1, 2: 2, 3: 3},
-                           affine_atol=1e-3, spacing=tuple(spacing), roi=tuple(roi), intensity=dict(intensity))
+                           affine_atol=1e-3, spacing=tuple(spacing), roi=tuple(roi),
+                           intensity=dict(intensity))
 
 
 # -------------------------------------------------------------------------------- geometry vs reference
@@ -133,7 +134,8 @@ def monai_transforms():
     def make(target, roi):
         keys = ["image", "label"]
         return mt.Compose([
-            mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys), mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys),
+            mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             mt.Spacingd(keys, pixdim=target, mode=("bilinear", "nearest")), mt.ScaleIntensityd("image"),
             mt.SpatialPadd(keys, roi)])
     return make
@@ -173,10 +175,12 @@ def test_intensity_modes():
     s = dict(MINMAX)
     np.testing.assert_allclose(preprocess.scale_intensity(x, s), (x + 1000) / 2500, atol=1e-7)
     s["mode"] = "window"
-    np.testing.assert_allclose(preprocess.scale_intensity(x, s), (np.clip(x, -175, 250) + 175) / 425, atol=1e-7)
+    np.testing.assert_allclose(preprocess.scale_intensity(x, s), (np.clip(x, -175, 250) + 175) / 425,
+                               atol=1e-7)
     s["mode"], s["percentiles"] = "percentile", [10.0, 90.0]
     lo, hi = np.percentile(x, [10, 90])
-    np.testing.assert_allclose(preprocess.scale_intensity(x, s), (np.clip(x, lo, hi) - lo) / (hi - lo), atol=1e-6)
+    np.testing.assert_allclose(preprocess.scale_intensity(x, s), (np.clip(x, lo, hi) - lo) / (hi - lo),
+                               atol=1e-6)
     s["mode"] = "zscore"
     z = preprocess.scale_intensity(x, s)
     assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-5
@@ -202,7 +206,8 @@ def test_padding_is_symmetric_and_keeps_world_positions(tmp_path):
     src = (src - src.min()) / (src.max() - src.min())
     np.testing.assert_allclose(image[2:22, :, 1:17], src, atol=1e-6)
     # A voxel's world position is the same in the padded array (final affine) and in the source.
-    np.testing.assert_allclose(np.asarray(meta["affine"]) @ [2, 0, 1, 1], io.load_image(ip)[1].affine @ [0, 0, 0, 1])
+    np.testing.assert_allclose(np.asarray(meta["affine"]) @ [2, 0, 1, 1],
+                               io.load_image(ip)[1].affine @ [0, 0, 0, 1])
 
 
 # ----------------------------------------------------------------------------------- inverse geometry
@@ -298,12 +303,15 @@ def test_prepare_records_and_reuse(tmp_path):
     np.testing.assert_array_equal(got_label, label)
     assert cache.read_meta(ct.path)["ornt"] == meta["ornt"]
 
-    mtimes = {d: os.stat(os.path.join(cfg.cache_dir, d, cache.META)).st_mtime_ns for d in _entry_dirs(cfg)}
+    def meta_mtimes():
+        return {d: os.stat(os.path.join(cfg.cache_dir, d, cache.META)).st_mtime_ns for d in _entry_dirs(cfg)}
+
+    mtimes = meta_mtimes()
     start = time.perf_counter()
     second = preprocess.prepare(cfg, ("training", "validation", "test"), progress=False)
     t_second = time.perf_counter() - start
     assert second.written == 0 and second.records == first.records
-    assert {d: os.stat(os.path.join(cfg.cache_dir, d, cache.META)).st_mtime_ns for d in _entry_dirs(cfg)} == mtimes
+    assert meta_mtimes() == mtimes
     assert t_second < t_first / 2, (t_first, t_second)
 
 

@@ -106,7 +106,8 @@ def label_code_map(spec: Any, num_classes: int) -> dict[int, int]:
         if spec == "mmwhs":
             codes = dict(MMWHS_CODES)
         else:
-            raise DataError(f"data.label_codes={spec!r}: expected 'identity', 'mmwhs' or a {{code: class}} map.")
+            raise DataError(f"data.label_codes={spec!r}: expected 'identity', 'mmwhs' or a "
+                            "{code: class} map.")
     else:
         codes = {int(k): int(v) for k, v in dict(spec).items()}
     codes = {0: 0, **codes}
@@ -202,7 +203,8 @@ def discover_mmwhs(root: str, modalities: Mapping[str, int], validation_ids: Map
         train_dir = os.path.join(root, f"{prefix}_train")
         val_ids = {int(i) for i in validation_ids.get(name, ())}
         if os.path.isdir(train_dir):
-            pattern = re.compile(_MMWHS_RE.format(prefix=prefix, part="train", suffix=re.escape(image_suffix)))
+            pattern = re.compile(_MMWHS_RE.format(prefix=prefix, part="train",
+                                                  suffix=re.escape(image_suffix)))
             found = set()
             for fname in sorted(os.listdir(train_dir)):
                 m = pattern.match(fname)
