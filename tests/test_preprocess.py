@@ -228,8 +228,9 @@ def test_label_round_trips_exactly_when_spacing_unchanged(tmp_path, codes):
     np.testing.assert_array_equal(preprocess.original_affine(meta), geom.affine)
 
 
-def test_inverse_of_resampled_prediction_matches_world_nearest(tmp_path):
-    aff = _affine("LPS", (0.8, 1.3, 2.0))
+@pytest.mark.parametrize("aff", [_affine("LPS", (0.8, 1.3, 2.0)),
+                                 _affine("ASL", (1.23, 0.91, 1.37), rotate=0.1)])  # spacings without ties
+def test_inverse_of_resampled_prediction_matches_world_nearest(tmp_path, aff):
     ip, lp = _write(tmp_path, "v", aff)
     _, label, meta = preprocess.preprocess_volume(_task(ip, lp, roi=(24, 40, 36)))
     meta["shape"] = list(label.shape)
