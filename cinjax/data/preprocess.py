@@ -52,7 +52,8 @@ so a changed source or setting makes a new entry and an unchanged one is reused 
 ``affine_atol``            largest accepted image/label affine difference (mm)
 ``cache_dir``              where entries go (default ``~/.cache/cinjax/volumes``)
 ``cache_fingerprint``      ``"stat"`` (size + mtime) or ``"content"`` (sha256 of the file bytes)
-``preprocess_workers``     processes for preprocessing / verify (0 or 1: in this process)
+``preprocess_workers``     processes for preprocessing / verify (0 or 1: in this process); each holds
+                           one volume at a time, ~1 GB peak for a 512 x 512 x 200 CT
 =========================  ==========================================================================
 
 Background crop candidates are voxels with label 0 and image > 0 (MI-Seg's ``image_threshold=0``),
@@ -402,6 +403,9 @@ def _prepare_one(args: tuple[Task, str]) -> tuple[cache.VolumeRecord | None, boo
         image, label, meta = preprocess_volume(task)
         meta["hash"] = digest
         key = f"{task.modality_name}/{task.entry.name}"
+        record = _cached(task, cache_dir)[2]  # written meanwhile by another process sharing the cache?
+        if record is not None:
+            return record, False, None
         try:
             record = cache.write_entry(path, key=key, modality=task.entry.modality, image=image,
                                        label=label, meta=meta)
