@@ -285,3 +285,27 @@ def test_non_conditional_presets():
     assert (cfg.encoder_norm, cfg.vit_norm, cfg.feature_size, cfg.num_heads) == ("instance", "layer", 36, 4)
     with pytest.raises(ValueError, match="Unknown model preset"):
         presets.get_config("c_unetr")
+
+
+def test_load_monai_swin_unetr_strict():
+    import torch
+    from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+
+    from cinjax.models.convert import load_monai_swin_unetr
+
+    torch.manual_seed(0)
+    net = MonaiSwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3)
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    # MONAI >= 1.5's "merging" uses all 8 sub-grids: it loads into cinjax's mergingv2 with re-ordering.
+    model, params, report = load_monai_swin_unetr(
+        {"state_dict": sd}, out_channels=2, feature_size=12, num_heads=3, downsample="mergingv2",
+        source_merging="merging_fixed", return_report=True,
+    )
+    assert report.ok, str(report)
+    assert (model.vit_norm, model.encoder_norm, model.norm_affine) == ("layer", "instance", False)
+    n_torch = sum(p.numel() for p in net.parameters())
+    assert sum(np.size(p) for p in jax.tree.leaves(params)) == n_torch
+    np.testing.assert_array_equal(params["out"]["conv"]["bias"], sd["out.conv.conv.bias"])
+    with pytest.raises(CheckpointMismatchError):
+        load_monai_swin_unetr(sd, out_channels=3, feature_size=12, num_heads=3, downsample="mergingv2",
+                              source_merging="merging_fixed")
