@@ -50,7 +50,10 @@ def test_depth2d_equals_lax_values_and_gradients(kernel, stride, padding):
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
 
 
-@pytest.mark.parametrize("kernel, stride, padding", [(3, 1, None), (3, 2, None), (1, 1, ((0, 0),) * 3), (2, 2, ((0, 0),) * 3)])
+TORCH_CASES = [(3, 1, None), (3, 2, None), (1, 1, ((0, 0),) * 3), (2, 2, ((0, 0),) * 3)]
+
+
+@pytest.mark.parametrize("kernel, stride, padding", TORCH_CASES)
 @pytest.mark.parametrize("impl", ["lax", "depth2d"])
 def test_conv3d_module_matches_torch(kernel, stride, padding, impl):
     rng = np.random.default_rng(1)

@@ -79,10 +79,13 @@ def _mi_seg_state_dict(tmodel, rng):
             else:
                 v.mul_(1.5)
             if k.startswith("down_path") and ".adn.N." in k:
-                leaf = k.rsplit(".", 1)
-                for m in range(M):
-                    row = v.numpy() if m == 0 else (1.0 if leaf[1] == "weight" else 0.0) + 0.3 * rng.standard_normal(v.shape)
-                    sd[f"{leaf[0]}.norms.{m}.{leaf[1]}"] = np.asarray(row, np.float32)
+                prefix, leaf = k.rsplit(".", 1)
+                base = 1.0 if leaf == "weight" else 0.0
+                rows = [v.numpy().copy()] + [
+                    (base + 0.3 * rng.standard_normal(v.shape)).astype(np.float32) for _ in range(M - 1)
+                ]
+                for m, row in enumerate(rows):
+                    sd[f"{prefix}.norms.{m}.{leaf}"] = row
             else:
                 sd[k] = v.numpy().copy()
     return sd
