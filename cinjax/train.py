@@ -357,6 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 stop_now = stop.should_stop(step)
                 due = tc.checkpoint_every and step % tc.checkpoint_every == 0
                 if due or stop_now or step == tc.num_steps:
+                    if pending is not None:  # log (and check finiteness of) the step being saved
+                        finish_step(*pending)
+                        pending = None
                     ckpt.save(step, state, data_iter=loader)
                 if stop_now:
                     progress.write(f"Stop requested: saved a checkpoint at step {step}; exiting.")

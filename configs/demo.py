@@ -21,7 +21,7 @@ def get_config():
     )
     d = c.data
     d.root = os.path.expanduser("~/.cache/cinjax/phantom")
-    d.phantom = dict(generate=True, seed=0, num_ct=10, num_mr=10)
+    d.phantom = dict(generate=True, seed=0, num_ct=10, num_mr=10, num_val=2, num_test=2)
     d.layout = "json"
     d.json_lists = ("CT.json", "MR.json")
     d.label_codes = "mmwhs"

@@ -1,0 +1,229 @@
+"""End-to-end runs of the real CLI (`python -m cinjax.main --config configs/demo.py`) on a tiny phantom.
+
+Covers the workdir contract (train → eval → predict), eval/predict modes on a saved checkpoint,
+resume after SIGKILL == uninterrupted run, and 2 processes x 2 devices == 1 process x 4 devices.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cinjax import checkpointing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MMWHS_CODES = {0, 205, 420, 500, 550, 600, 820, 850}
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.expanduser("~/.cache/cinjax/jax-test-cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    cache = tmp_path_factory.mktemp("cache")
+    return [
+        f"--config.data.root={root}",
+        f"--config.data.cache_dir={cache}",
+        "--config.data.phantom.num_ct=3",
+        "--config.data.phantom.num_mr=3",
+        "--config.data.phantom.num_val=1",
+        "--config.data.phantom.num_test=1",
+        "--config.data.spacing=(4.0,4.0,4.0)",
+        "--config.data.roi=(16,16,16)",
+        "--config.data.preprocess_workers=0",
+        "--config.model.channels=(4,8)",
+        "--config.model.strides=(1,2)",
+        "--config.loader.global_batch_size=2",
+        "--config.loader.prefetch=0",
+        "--config.train.log_every=1",
+        "--config.train.async_checkpoint=False",
+        "--config.train.min_free_gb=0.01",
+        "--config.optim.schedule.warmup_steps=2",
+    ]
+
+
+def _cli(workdir, args, devices=2, extra_env=None, **popen):
+    cmd = [sys.executable, "-m", "cinjax.main", "--config", os.path.join(REPO, "configs/demo.py"),
+           f"--workdir={workdir}", *args]
+    env = _env(devices)
+    env.update(extra_env or {})
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+def _run(workdir, args, devices=2, timeout=600):
+    proc = _cli(workdir, args, devices)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _train_losses(workdir):
+    return {r["step"]: r["loss"] for r in _metrics(workdir) if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_args):
+    workdir = tmp_path_factory.mktemp("demo")
+    _run(workdir, data_args + [
+        "--config.train.num_steps=4", "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+        "--config.predict.after_train=True",
+    ])
+    return workdir
+
+
+def test_demo_writes_the_workdir_contract(trained, data_args):
+    w = trained
+    config = json.load(open(w / "config.json"))
+    assert config["model"]["name"] == "unet_vanilla" and config["train"]["num_steps"] == 4
+    recs = _metrics(w)
+    assert {r["step"] for r in recs if r["split"] == "train"} == {1, 2, 3, 4}
+    assert all(np.isfinite(r["loss"]) for r in recs if r["split"] == "train")
+    assert [r["step"] for r in recs if r["split"] == "eval"] == [2, 4]
+    assert os.path.isdir(w / "tb")
+    assert sorted(os.listdir(w / "checkpoints" / "latest")) == ["2", "4"]
+    assert len(os.listdir(w / "checkpoints" / "best")) == 1
+
+    results = json.load(open(w / "eval" / "results.json"))
+    assert set(results["modalities"]) == {"CT", "MR"}
+    for m in ("CT", "MR"):
+        r = results["modalities"][m]
+        for k in ("mean_dice", "mean_hd95_mm", "mean_assd_mm"):
+            assert k in r
+        assert set(r["classes"]) == {"LV", "RV", "LA", "RA", "Myo", "AA", "PA"}
+        for c in r["classes"].values():
+            assert {"dice", "hd95_mm", "assd_mm"} <= set(c)
+    assert 0.0 <= results["mean_dice"] <= 1.0
+    assert len(results["volumes"]) == 2
+    panels = os.listdir(w / "eval" / "panels")
+    assert any("CT" in p for p in panels) and any("MR" in p for p in panels)
+
+    # Predictions: one per test image, in the input's own geometry, with MM-WHS label codes.
+    root = [a.split("=", 1)[1] for a in data_args if a.startswith("--config.data.root=")][0]
+    preds = sorted(os.listdir(w / "predictions"))
+    assert len(preds) == 2
+    for name in preds:
+        pred = nib.load(str(w / "predictions" / name))
+        modality_dir = "ct_train" if name.startswith("ct") else "mr_train"
+        src = nib.load(os.path.join(root, modality_dir, name.replace("label", "image")))
+        assert pred.shape == src.shape
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= MMWHS_CODES
+        assert pred.get_data_dtype() == np.uint16
+
+
+def test_eval_and_predict_modes_on_a_checkpoint(trained, data_args, tmp_path):
+    before = json.load(open(trained / "eval" / "results.json"))
+    out = tmp_path / "eval"
+    _run(out, data_args + ["--config.mode=eval", f"--config.eval.checkpoint={trained}",
+                           "--config.eval.panels=False"])
+    after = json.load(open(out / "eval" / "results.json"))
+    # The best checkpoint is the one whose Dice the training run reported at its best step.
+    best = checkpointing.Checkpointer(trained).best_dice
+    np.testing.assert_allclose(after["mean_dice"], best, atol=1e-6)
+    assert after["mean_dice"] <= max(before["mean_dice"], best) + 1e-6
+
+    root = [a.split("=", 1)[1] for a in data_args if a.startswith("--config.data.root=")][0]
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    src = sorted(f for f in os.listdir(os.path.join(root, "mr_train")) if f.endswith("_image.nii.gz"))[0]
+    os.symlink(os.path.join(root, "mr_train", src), folder / src)
+    pred_dir = tmp_path / "predict"
+    _run(pred_dir, data_args + ["--config.mode=predict", f"--config.predict.checkpoint={trained}",
+                                f"--config.predict.input_dir={folder}", "--config.predict.modality=MR"])
+    pred = nib.load(str(pred_dir / "predictions" / src.replace("image", "label")))
+    assert pred.shape == nib.load(str(folder / src)).shape
+
+
+def test_bad_config_fails_before_training(data_args, tmp_path):
+    proc = _cli(tmp_path / "w", data_args + ["--config.model.out_channels=5"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "out_channels=5" in out and "num_classes" in out
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def _final_params(workdir):
+    return checkpointing.restore_params_only(workdir, prefer="latest")
+
+
+def _max_diff(a, b):
+    import jax
+
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+def test_resume_after_sigkill_equals_uninterrupted(data_args, tmp_path):
+    args = data_args + ["--config.train.num_steps=14", "--config.train.checkpoint_every=2",
+                        "--config.train.final_eval=False"]
+    full = tmp_path / "full"
+    _run(full, args)
+
+    resumed = tmp_path / "resumed"
+    proc = _cli(resumed, args)
+    first_ckpt = resumed / "checkpoints" / "latest" / "2"
+    deadline = time.time() + 600
+    while not first_ckpt.exists():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    done = sorted(int(s) for s in os.listdir(resumed / "checkpoints" / "latest") if s.isdigit())
+    assert done and max(done) < 14, f"the run finished before it was killed: {done}"
+
+    out = _run(resumed, args)
+    assert "Resumed from step" in out
+    assert _max_diff(_final_params(full), _final_params(resumed)) < 1e-6
+    full_losses, resumed_losses = _train_losses(full), _train_losses(resumed)
+    assert sorted(resumed_losses) == list(range(1, 15))
+    after = [s for s in range(max(done) + 1, 15)]
+    np.testing.assert_allclose([resumed_losses[s] for s in after], [full_losses[s] for s in after], rtol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(data_args, tmp_path):
+    args = data_args + ["--config.train.num_steps=3", "--config.train.checkpoint_every=0",
+                        "--config.train.final_eval=False", "--config.loader.global_batch_size=4",
+                        "--config.optim.name=sgd", "--config.optim.lr=0.05"]
+    single = tmp_path / "single"
+    _run(single, args, devices=4)
+
+    multi = tmp_path / "multi"
+    port = _free_port()
+    procs = [
+        _cli(multi, args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                            f"--process_id={i}"], devices=2)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-6000:]
+    assert _max_diff(_final_params(single), _final_params(multi)) < 1e-5
+    np.testing.assert_allclose(list(_train_losses(single).values()), list(_train_losses(multi).values()),
+                               rtol=1e-5)
