@@ -273,7 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- Model, optimizer, state -------------------------------------------------------------
     model = make_model(config)
-    tx, schedule = optim.make_optimizer(config, tc.num_steps)
+    accumulate = int(config.optim.get("accumulate_steps", 1))
+    tx, schedule = optim.make_optimizer(config, max(1, tc.num_steps // accumulate))
     loss_fn = make_loss(config)
     init = jax.jit(
         functools.partial(steps.create_train_state, model, tx, seed=config.seed), out_shardings=repl
@@ -335,7 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.update(done_step, loss=float(m["loss"]), data_wait_s=wait_s)
         if tc.log_every and (done_step % tc.log_every == 0 or done_step == tc.num_steps):
             scalars = {k: float(v) for k, v in m.items() if k != "finite"}
-            scalars["lr"] = float(schedule(done_step - 1)) * optim.get_lr_multiplier(state.opt_state)
+            update = (done_step - 1) // accumulate  # schedules count optimizer updates
+            scalars["lr"] = float(schedule(update)) * optim.get_lr_multiplier(state.opt_state)
             scalars["data_wait_s"] = wait_s
             writer.write_scalars(done_step, scalars, split="train")
 
