@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.optim = default_optim_config()
     c.optim.schedule.name = "warmup_cosine"
+    c.optim.schedule.plateau_metric = "loss"  # reduce_on_plateau monitors: loss (min) | dice (max)
 
     c.train = ml_collections.ConfigDict(dict(
         num_steps=1000,
@@ -60,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
         windows_per_call=4,
         stitch_on_host=False,
         distances=True,  # HD95 / ASSD (mm)
+        loss=False,  # also the training loss of each whole volume (on when a plateau schedule monitors it)
         panels=True,
         max_volumes=0,  # 0: all
     ))

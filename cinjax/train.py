@@ -64,6 +64,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     roi = tuple(config.data.roi)
     if config.model.name == "swin_unetr" and any(r % 32 for r in roi):
         raise ValueError(f"Swin-UNETR needs every ROI size divisible by 32, got config.data.roi={roi}.")
+    sched = config.optim.schedule
+    if sched.name == "reduce_on_plateau":
+        want = {"loss": "min", "dice": "max"}.get(sched.plateau_metric)
+        if want is None:
+            raise ValueError(f"optim.schedule.plateau_metric must be 'loss' or 'dice', got {sched.plateau_metric!r}.")
+        if sched.plateau_mode != want:
+            raise ValueError(f"optim.schedule.plateau_metric={sched.plateau_metric!r} needs plateau_mode={want!r}.")
     if config.mode == "train":
         if config.train.num_steps < 1:
             raise ValueError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}.")
@@ -137,6 +144,11 @@ def _sample_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[st
     }
 
 
+def _inference_state(state: steps.TrainState) -> dict[str, Any]:
+    """What the best checkpoint keeps: the variables inference needs."""
+    return {"params": state.params, "model_state": state.model_state}
+
+
 def _abstract_with_sharding(tree: Any, sharding) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
@@ -184,8 +196,12 @@ def evaluate(
     class_names: Sequence[str],
     panels_dir: str | None = None,
     step: int = 0,
+    loss_fn=None,
 ) -> dict[str, Any]:
     """Sliding-window inference on every record, metrics per volume, summary (results.json shape).
+
+    With ``loss_fn`` the training loss of each whole-volume prediction is reported too (``loss``:
+    the mean over volumes; what MI-Seg's reduce-on-plateau monitors).
 
     Every process evaluates every volume on its local devices (only process 0 writes), so no
     cross-host gather of Python objects is needed.
@@ -205,15 +221,26 @@ def evaluate(
             num_classes=config.data.num_classes, mesh=mesh,
         )
         name = modality_names[rec.modality]
-        volumes.append(metrics.evaluate_volume(
+        volume = metrics.evaluate_volume(
             pred.labels, label, spacing=_spacing_of(rec), num_classes=config.data.num_classes,
             class_names=tuple(class_names)[1:], key=rec.key, modality=name, distances=ev.distances,
-        ))
+        )
+        if loss_fn is not None:
+            volume["loss"] = float(_volume_loss(loss_fn, jnp.asarray(pred.logits), jnp.asarray(label)))
+        volumes.append(volume)
         panels.setdefault(name, (image, label, pred.labels))
     summary = metrics.summarize(volumes, tuple(class_names)[1:])
+    if loss_fn is not None and volumes:
+        summary["loss"] = float(np.mean([v["loss"] for v in volumes]))
     if panels_dir and jax.process_index() == 0:
         writers.save_modality_panels(panels_dir, step, panels, num_classes=config.data.num_classes)
     return summary
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _volume_loss(loss_fn, logits: jax.Array, label: jax.Array) -> jax.Array:
+    out = loss_fn(logits[None], label[None].astype(jnp.int32))
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _write_results(workdir: str, results: Mapping[str, Any], name: str = "results.json") -> str:
@@ -227,6 +254,8 @@ def _write_results(workdir: str, results: Mapping[str, Any], name: str = "result
 
 def _eval_scalars(results: Mapping[str, Any]) -> dict[str, float]:
     out = {"mean_dice": results["mean_dice"]}
+    if "loss" in results:
+        out["loss"] = results["loss"]
     for m, r in results["modalities"].items():
         out[f"{m}/mean_dice"] = r["mean_dice"]
         for k in ("mean_hd95_mm", "mean_assd_mm", "whole_heart_dice"):
@@ -304,6 +333,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         donate_argnums=(0,),
     )
     modality_names = prepared.modality_names
+    plateau = None
+    if config.optim.schedule.name == "reduce_on_plateau":
+        plateau = optim.PlateauController.from_config(config)
+        saved = ckpt.metadata() if restored is not None else None
+        if saved and "plateau" in saved.get("metrics", {}):
+            plateau.load_state_dict(saved["metrics"]["plateau"])
+        if not tc.eval_every:
+            raise ValueError("optim.schedule.name='reduce_on_plateau' needs train.eval_every > 0.")
+    plateau_on_loss = plateau is not None and config.optim.schedule.plateau_metric == "loss"
+    eval_loss_fn = loss_fn if plateau_on_loss or config.eval.loss else None
 
     def run_eval(step: int) -> dict[str, Any]:
         predict_fn = make_predict_fn(model, state.params, state.model_state,
@@ -311,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         results = evaluate(
             predict_fn, prepared.all_records(config.eval.split)[: config.eval.max_volumes or None],
             config=config, modality_names=modality_names, class_names=prepared.class_names,
-            panels_dir=workdir if config.eval.panels else None, step=step,
+            panels_dir=workdir if config.eval.panels else None, step=step, loss_fn=eval_loss_fn,
         )
         writer.write_scalars(step, _eval_scalars(results), split="eval")
         _write_results(workdir, dict(results, step=step))
@@ -354,7 +393,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     finish_step(*pending)
                     pending = None
                     results = run_eval(step)
-                    ckpt.save_best(step, {"params": state.params, "model_state": state.model_state}, results["mean_dice"])
+                    ckpt.save_best(step, _inference_state(state), results["mean_dice"])
+                    if plateau is not None:
+                        value = results["loss"] if plateau_on_loss else results["mean_dice"]
+                        multiplier = plateau.step(value)
+                        state = state.replace(opt_state=optim.set_lr_multiplier(state.opt_state, multiplier))
                     progress.write(f"step {step}: validation mean Dice {results['mean_dice']:.4f}")
                 stop_now = stop.should_stop(step)
                 due = tc.checkpoint_every and step % tc.checkpoint_every == 0
@@ -362,7 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if pending is not None:  # log (and check finiteness of) the step being saved
                         finish_step(*pending)
                         pending = None
-                    ckpt.save(step, state, data_iter=loader)
+                    ckpt.save(step, state, data_iter=loader,
+                              metrics={"plateau": plateau.state_dict()} if plateau is not None else None)
                 if stop_now:
                     progress.write(f"Stop requested: saved a checkpoint at step {step}; exiting.")
                     return {"stopped_at": step}
@@ -373,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # --- Final evaluation and predictions ------------------------------------------------
         if tc.final_eval:
             results = run_eval(step)
-            ckpt.save_best(step, {"params": state.params, "model_state": state.model_state}, results["mean_dice"])
+            ckpt.save_best(step, _inference_state(state), results["mean_dice"])
             logging.info("Final validation mean Dice %.4f: %s", results["mean_dice"],
                          {m: round(r["mean_dice"], 4) for m, r in results["modalities"].items()})
         if config.predict.after_train:
