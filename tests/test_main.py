@@ -227,3 +227,46 @@ def test_two_processes_equal_one_process(data_args, tmp_path):
     assert _max_diff(_final_params(single), _final_params(multi)) < 1e-5
     np.testing.assert_allclose(list(_train_losses(single).values()), list(_train_losses(multi).values()),
                                rtol=1e-5)
+
+
+def test_unwritable_workdir_is_reported_before_training(data_args, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = _cli(blocker / "w", data_args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert str(blocker) in out and "preprocess" not in out
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_args, tmp_path):
+    w = tmp_path / "nan"
+    proc = _cli(w, data_args + ["--config.train.num_steps=20", "--config.train.checkpoint_every=1",
+                                "--config.optim.name=sgd", "--config.optim.lr=1e30",
+                                "--config.optim.schedule.name=constant"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "Non-finite loss" in out
+    step = int(out.split("Non-finite loss")[1].split(" at step ")[1].split(";")[0])
+    latest = checkpointing.Checkpointer(w).latest_step()
+    assert latest is not None and latest < step
+    import jax
+
+    params = _final_params(w)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(data_args, tmp_path):
+    w = tmp_path / "term"
+    proc = _cli(w, data_args + ["--config.train.num_steps=100000", "--config.train.checkpoint_every=0",
+                                "--config.train.final_eval=False"])
+    deadline = time.time() + 600
+    while not any(r["split"] == "train" and r["step"] >= 2 for r in (_metrics(w) if (w / "metrics.jsonl").exists() else [])):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Stop requested" in out
+    saved = checkpointing.Checkpointer(w).latest_step()
+    assert saved is not None and saved >= 2
