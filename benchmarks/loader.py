@@ -15,7 +15,9 @@ as ``first_batch_s``) and batches prepared ahead during the warm-up (prefetch bu
 a few batches) do not count: the figure is the steady-state production rate, the median of
 ``--repeats`` runs. The ratio is cinjax crops/s over MONAI crops/s. ``cinjax_sync`` (0 workers
 only) is cinjax with its background prefetch threads off, i.e. fully synchronous like MONAI's
-``num_workers=0``. All MONAI runs come first, before JAX and tensorstore start threads in this
+``num_workers=0``. ``cpu_ms_per_crop`` is this process's CPU time (all its threads) per timed crop:
+with 0 workers it is the whole cost of a crop and, unlike crops/s, hardly moves when other jobs
+share the cores; with workers it is only the main process's share. All MONAI runs come first, before JAX and tensorstore start threads in this
 process (its DataLoader forks workers); torch runs with one intra-op thread, as in its workers.
 
 Usage: ``python -m benchmarks.loader [--crops 96 64] [--workers 0 1 2] [--repeats 3] [--out loader.json]``
@@ -82,13 +84,16 @@ def time_cinjax(records, crop: int, workers: int, batch: int, batches: int, warm
     for _ in range(warmup - 1):
         loader.next_local()
     start = time.perf_counter()
+    cpu = time.process_time()
     for _ in range(batches):
         loader.next_local()
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     loader.close()
     del loader
     gc.collect()
-    return {"crops_per_s": batch * batches / elapsed, "first_batch_s": first}
+    return {"crops_per_s": batch * batches / elapsed, "first_batch_s": first,
+            "cpu_ms_per_crop": 1000 * cpu / (batch * batches)}
 
 
 def time_monai(arrays, crop: int, workers: int, batch: int, batches: int, warmup: int, seed: int) -> dict[str, float]:
@@ -126,17 +131,21 @@ def time_monai(arrays, crop: int, workers: int, batch: int, batches: int, warmup
     for _ in range(warmup - 1):
         next(it)
     start = time.perf_counter()
+    cpu = time.process_time()
     count = sum(1 for _ in it)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     if count != batches:
         raise RuntimeError(f"MONAI loader gave {count} timed batches, expected {batches}.")
-    return {"crops_per_s": batch * batches / elapsed, "first_batch_s": first}
+    return {"crops_per_s": batch * batches / elapsed, "first_batch_s": first,
+            "cpu_ms_per_crop": 1000 * cpu / (batch * batches)}
 
 
 def _median_runs(samples: list[dict[str, float]]) -> dict[str, Any]:
     rates = [x["crops_per_s"] for x in samples]
     return {"crops_per_s": float(np.median(rates)), "crops_per_s_all": rates,
-            "first_batch_s": float(np.median([x["first_batch_s"] for x in samples]))}
+            "first_batch_s": float(np.median([x["first_batch_s"] for x in samples])),
+            "cpu_ms_per_crop": float(np.median([x["cpu_ms_per_crop"] for x in samples]))}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -196,12 +205,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if "monai" in run:
             run["ratio_vs_monai"] = run["cinjax"]["crops_per_s"] / run["monai"]["crops_per_s"]
         results["runs"].append(run)
-    print(f"{'crop':>5} {'workers':>7} {'cinjax crops/s':>15} {'(no prefetch)':>14} {'monai crops/s':>14} {'ratio':>6}")
     nan = float("nan")
+    print(f"{'crop':>4} {'workers':>7} {'cinjax crops/s':>14} {'no-prefetch':>11} {'MONAI crops/s':>13} {'ratio':>5}"
+          f" {'CPU ms/crop: cinjax':>19} {'no-prefetch':>11} {'MONAI':>6}")
     for run in results["runs"]:
-        print(f"{run['crop']:>5} {run['workers']:>7} {run['cinjax']['crops_per_s']:>15.2f} "
-              f"{run.get('cinjax_sync', {}).get('crops_per_s', nan):>14.2f} "
-              f"{run.get('monai', {}).get('crops_per_s', nan):>14.2f} {run.get('ratio_vs_monai', nan):>6.2f}")
+        get = lambda name, key: run.get(name, {}).get(key, nan)  # noqa: E731
+        cpu = [get(n, "cpu_ms_per_crop") if run["workers"] == 0 else nan for n in ("cinjax", "cinjax_sync", "monai")]
+        print(f"{run['crop']:>4} {run['workers']:>7} {get('cinjax', 'crops_per_s'):>14.1f} "
+              f"{get('cinjax_sync', 'crops_per_s'):>11.1f} {get('monai', 'crops_per_s'):>13.1f} "
+              f"{run.get('ratio_vs_monai', nan):>5.2f} {cpu[0]:>19.1f} {cpu[1]:>11.1f} {cpu[2]:>6.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
