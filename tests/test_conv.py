@@ -71,10 +71,12 @@ def test_conv3d_module_matches_torch(kernel, stride, padding, impl):
 def test_conv3d_module_param_shapes_and_dtype():
     layer = Conv3d(6, kernel_size=3, strides=2, dtype=jnp.bfloat16)
     x = jnp.ones((1, 4, 4, 4, 2), jnp.float32)
-    params = layer.init(jax.random.key(0), x)["params"]
+    params = jax.jit(layer.init)(jax.random.key(0, impl="rbg"), x)["params"]
     assert params["kernel"].shape == (3, 3, 3, 2, 6) and params["kernel"].dtype == jnp.float32
     assert params["bias"].shape == (6,)
-    y = layer.apply({"params": params}, x)
+    bound = 1.0 / np.sqrt(3 * 3 * 3 * 2)  # PyTorch's default init range (fan_in = 54)
+    assert np.abs(np.asarray(params["kernel"])).max() <= bound and np.abs(np.asarray(params["bias"])).max() <= bound
+    y = jax.jit(layer.apply)({"params": params}, x)
     assert y.shape == (1, 2, 2, 2, 6) and y.dtype == jnp.bfloat16
 
 

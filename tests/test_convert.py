@@ -141,9 +141,10 @@ def tiny():
     model = build_model(config)
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 8, 8, 1)), jnp.float32)
     modality = jnp.array([0, 1], jnp.int32)
+    rng = np.random.default_rng(7)
     params = jax.tree.map(
-        lambda p: p + 0.1 * jax.random.normal(jax.random.key(7), p.shape),
-        jax.jit(model.init)(jax.random.key(1), x, modality)["params"],
+        lambda p: (0.3 * rng.standard_normal(p.shape)).astype(np.float32),
+        jax.eval_shape(model.init, jax.random.key(1), x, modality)["params"],
     )
     sd = {}
     for path, v in traverse_util.flatten_dict(params).items():

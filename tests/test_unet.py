@@ -164,7 +164,11 @@ TINY = dict(out_channels=2, channels=(2, 4), strides=(1, 2), num_res_units=1, co
 def tiny():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 8, 1)), jnp.float32)
     modality = jnp.array([1, 0], jnp.int32)
-    params = UNet(**TINY).init(jax.random.key(0), x, modality)["params"]
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(
+        lambda p: (1.0 + 0.3 * rng.standard_normal(p.shape)).astype(np.float32),
+        jax.eval_shape(UNet(**TINY).init, jax.random.key(0), x, modality)["params"],
+    )
     return x, modality, params
 
 
