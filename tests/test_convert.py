@@ -212,6 +212,10 @@ def test_mi_seg_flag_parsing():
     cfg = mi_seg_args_to_config({"model_name": "unet_vanilla", "feature_size": [4, 8], "strides": [1, 2],
                                  "decoder_norm_no_affine": True, "encoder_norm_name": "instance_cond"})
     assert cfg.channels == (4, 8) and cfg.norm_affine is False and cfg.encoder_norm == "instance_cond"
+    swin = mi_seg_args_to_config({"model_name": "swin_unetr", "feature_size": 24, "num_heads": 2,
+                                  "depth_swin_block": [2, 2, 4, 2], "use_checkpoint": True, "lr": 1e-4})
+    assert (swin.feature_size, swin.num_heads, swin.depths, swin.remat) == (24, 2, (2, 2, 4, 2), True)
+    assert swin.vit_norm == "layer" and swin.img_size == (96, 96, 96)
     with pytest.raises(ValueError, match="not supported"):
         mi_seg_args_to_config(["--model_name=unetr"])
     with pytest.raises(ValueError, match="not supported"):

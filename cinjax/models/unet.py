@@ -73,8 +73,6 @@ class UNet(nn.Module):
         self, x: jax.Array, modality: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
         self._check_input(x, modality)
-        if modality is not None:
-            modality = jnp.asarray(modality, jnp.int32)
         if self.dtype is not None:
             x = x.astype(self.dtype)
         channels = [int(c) for c in self.channels]

@@ -111,6 +111,9 @@ def parse_mi_seg_args(mi_seg_args: Sequence[str] | Mapping[str, Any]) -> dict[st
         args, ignored = vars(ns), rest
     if ignored:
         log.info("Ignoring MI-Seg arguments that do not define the model: %s", ignored)
+    for key in ("feature_size", "strides", "depth_swin_block"):  # MI-Seg turns a single value into an int
+        if isinstance(args[key], int | np.integer):
+            args[key] = [int(args[key])]
     return args
 
 
@@ -309,8 +312,9 @@ def load_mi_seg(
     ``num_modalities`` overrides ``--num_styles`` (default 2: CT = 0, MR = 1). With ``strict=False``
     mismatches are logged and the affected parameters keep their initial values.
     """
-    config = mi_seg_args_to_config(mi_seg_args, num_modalities=num_modalities)
-    in_channels = int(parse_mi_seg_args(mi_seg_args)["in_channels"])
+    args = parse_mi_seg_args(mi_seg_args)
+    config = mi_seg_args_to_config(args, num_modalities=num_modalities)
+    in_channels = int(args["in_channels"])
     model, params, report = _load(
         config.name, "mi_seg", config, in_channels, checkpoint, strict, weights_only
     )
