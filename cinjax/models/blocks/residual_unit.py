@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cinjax.models.layers.conv import Conv3d
 from cinjax.models.layers.norms import make_norm
