@@ -315,3 +315,26 @@ def test_load_monai_swin_unetr_strict():
     with pytest.raises(CheckpointMismatchError):
         load_monai_swin_unetr(sd, out_channels=3, feature_size=12, num_heads=3, downsample="mergingv2",
                               source_merging="merging_fixed")
+
+
+def test_pickled_objects_need_explicit_trust(tiny, tmp_path):
+    """Lightning checkpoints carry hyper-parameters as Python objects: refused unless trusted."""
+    import argparse
+
+    import torch
+
+    pt = tmp_path / "lightning.ckpt"
+    sd = {f"model.{k}": torch.from_numpy(v.copy()) for k, v in tiny["sd"].items()}
+    torch.save({"state_dict": sd, "hyper_parameters": argparse.Namespace(lr=1e-4)}, pt)
+    with pytest.raises(ValueError, match="weights_only=False"):
+        load_mi_seg(str(pt), TINY_ARGS)
+    _, params = load_mi_seg(str(pt), TINY_ARGS, weights_only=False)
+    np.testing.assert_array_equal(params["out"]["bias"], tiny["params"]["out"]["bias"])
+
+
+def test_missing_torch_gives_install_hint(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match=r"cinjax\[torch\]"):
+        load_mi_seg(str(tmp_path / "best.pt"), TINY_ARGS)
