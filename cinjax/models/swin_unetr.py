@@ -26,8 +26,8 @@ from cinjax.models.layers.swin import (
     PatchEmbed,
     PatchMerging,
     SwinTransformerBlock,
-    compute_mask,
     get_window_size,
+    window_region_ids,
 )
 
 VIT_NORMS = ("instance_cond", "instance", "layer")
@@ -64,7 +64,7 @@ class BasicLayer(nn.Module):
         full_shift = tuple(i // 2 for i in self.window)
         window, shift = get_window_size((d, h, w), self.window, full_shift)
         padded = tuple(int(np.ceil(s / ws)) * ws for s, ws in zip((d, h, w), window))
-        mask = compute_mask(padded, window, shift)
+        mask_ids = window_region_ids(padded, window, shift)
         common = dict(
             num_heads=self.num_heads,
             window=self.window,
@@ -84,7 +84,7 @@ class BasicLayer(nn.Module):
                 drop_path=self.drop_path[i] if self.drop_path else 0.0,
                 name=f"blocks_{i}",
                 **common,
-            )(x, mask, modality, train)
+            )(x, mask_ids, modality, train)
         return PatchMerging(
             self.downsample,
             self.norm,

@@ -1,7 +1,7 @@
 """3D Swin-Transformer ops, channels-last, numerically identical to MI-Seg (= MONAI 1.1's Swin).
 
 Everything a Swin stage needs: window partition/reverse, the effective window rule
-(:func:`get_window_size`), the relative-position index and the shifted-window mask (numpy constants
+(:func:`get_window_size`), the relative-position index and the shifted-window region ids (numpy constants
 built at trace time from static shapes, never parameters), :class:`WindowAttention`,
 :class:`SwinTransformerBlock`, :class:`PatchMerging` and :class:`PatchEmbed`.
 
@@ -91,10 +91,10 @@ def relative_position_index(window: Triple) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def compute_mask(dims: Triple, window: Triple, shift: Triple) -> np.ndarray:
-    """Shifted-window attention mask (nW, N, N) on the padded grid ``dims``: 0 within a region,
-    -100 across regions (MONAI's ``compute_mask``, including its slices for zero shifts)."""
-    img = np.zeros((1, *dims, 1), np.float32)
+def window_region_ids(dims: Triple, window: Triple, shift: Triple) -> np.ndarray:
+    """(nW, N) region id of every token of every window on the padded grid ``dims`` for a shifted
+    window pass (MONAI's ``compute_mask`` labelling, including its slices for zero shifts)."""
+    img = np.zeros((1, *dims, 1), np.int32)
     cnt = 0
     slices = [(slice(-w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift)]
     for sd in slices[0]:
@@ -102,11 +102,21 @@ def compute_mask(dims: Triple, window: Triple, shift: Triple) -> np.ndarray:
             for sw in slices[2]:
                 img[:, sd, sh, sw, :] = cnt
                 cnt += 1
-    win = window_partition(img, window)[..., 0]
-    diff = win[:, None, :] - win[:, :, None]
-    mask = np.where(diff != 0, np.float32(-100.0), np.float32(0.0))
-    mask.setflags(write=False)
-    return mask
+    ids = window_partition(img, window)[..., 0]
+    ids.setflags(write=False)
+    return ids
+
+
+def mask_from_region_ids(ids: Any) -> Any:
+    """Additive attention mask (nW, N, N): 0 within a region, -100 across regions."""
+    xp = np if isinstance(ids, np.ndarray) else jnp
+    return xp.where(ids[:, None, :] != ids[:, :, None], xp.float32(-100.0), xp.float32(0.0))
+
+
+def compute_mask(dims: Triple, window: Triple, shift: Triple) -> np.ndarray:
+    """MONAI's ``compute_mask`` (nW, N, N) as a numpy array (reference; the model builds it on
+    device from :func:`window_region_ids`, which keeps large constants out of the program)."""
+    return mask_from_region_ids(window_region_ids(dims, window, shift))
 
 
 class DropPath(nn.Module):
@@ -146,7 +156,8 @@ class WindowAttention(nn.Module):
 
     Input/output (B, nW, N, C). ``window`` is the configured (full) window: the bias table has
     ``prod(2w-1)`` rows and, for smaller effective windows, the top-left ``N x N`` block of the full
-    window's index is used (MI-Seg quirk). ``mask`` is an optional (nW, N, N) additive mask.
+    window's index is used (MI-Seg quirk). ``mask_ids`` are the optional (nW, N) region ids of a
+    shifted pass (:func:`window_region_ids`): tokens of different regions get -100 added.
     """
 
     num_heads: int
@@ -157,7 +168,7 @@ class WindowAttention(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: np.ndarray | None = None, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, mask_ids: np.ndarray | None = None, train: bool = False) -> jax.Array:
         b, nw, n, c = x.shape
         heads = self.num_heads
         if c % heads:
@@ -181,8 +192,8 @@ class WindowAttention(nn.Module):
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(hd**-0.5, q.dtype)
         logits = jnp.einsum("bwnhd,bwmhd->bwhnm", q, k).astype(jnp.float32) + bias
-        if mask is not None:
-            logits = logits + jnp.asarray(mask)[None, :, None]
+        if mask_ids is not None:
+            logits = logits + mask_from_region_ids(jnp.asarray(mask_ids))[None, :, None]
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_dropout)(attn, deterministic=not train)
         out = jnp.einsum("bwhnm,bwmhd->bwnhd", attn, v).reshape(b, nw, n, c)
@@ -194,8 +205,8 @@ class SwinTransformerBlock(nn.Module):
     """Pre-norm (shifted-)window attention + MLP on a (B, D, H, W, C) token grid.
 
     ``shift`` is the configured shift ((0,0,0) for even blocks, window//2 for odd ones); the effective
-    window/shift for the grid follow :func:`get_window_size`. ``mask`` is the stage's mask, used only
-    when some effective shift is non-zero.
+    window/shift for the grid follow :func:`get_window_size`. ``mask_ids`` are the stage's shifted
+    window region ids (:func:`window_region_ids`), used only when some effective shift is non-zero.
     """
 
     num_heads: int
@@ -216,7 +227,7 @@ class SwinTransformerBlock(nn.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: np.ndarray | None,
+        mask_ids: np.ndarray | None,
         modality: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
@@ -248,7 +259,7 @@ class SwinTransformerBlock(nn.Module):
             self.dropout,
             self.dtype,
             name="attn",
-        )(windows, mask if shifted else None, train)
+        )(windows, mask_ids if shifted else None, train)
         y = window_reverse(windows.reshape(-1, n, c), window, (b, dp, hp, wp))
         if shifted:
             y = jnp.roll(y, shift, axis=(1, 2, 3))
