@@ -11,6 +11,8 @@ a checkpoint), ``predict`` (write NIfTI segmentations). Multi-host: set ``--coor
 
 from __future__ import annotations
 
+import logging as py_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,9 +24,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(py_logging.Filter):
+    """Keep INFO chatter of orbax / grain / jax out of the user's log (warnings still pass)."""
+
+    NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/etils/")
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    for handler in py_logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
     # Must come before any other JAX call.
     from cinjax import distributed
 
