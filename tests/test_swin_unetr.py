@@ -122,7 +122,7 @@ def _numpy_sd(net) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
 
 
-def _abstract(model: SwinUNETR, shape=(B, *SPATIAL, IN_CH)):
+def _abstract(model: SwinUNETR, shape=(1, *SPATIAL, IN_CH)):
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     mod = jax.ShapeDtypeStruct((shape[0],), jnp.int32)
     return jax.eval_shape(model.init, jax.random.key(0), x, mod)["params"]
@@ -221,13 +221,15 @@ def test_v1_merging_order_is_the_duplicated_one():
     ids=["merging-v1.1-lax", "mergingv2-depth2d", "merging-monai1.5-depth2d"],
 )
 def test_forward_parity_with_monai(x, apply_fns, ours, theirs, legacy, source_merging, conv_impl):
-    """Both conv lowerings are checked against the same reference (so depth2d == lax on the model)."""
+    """Both conv lowerings are checked against the same reference (so depth2d == lax on the model).
+    One sample keeps CI fast; the batched window layout is covered by the conditional test."""
+    x = x[:1]
     net = _torch_model(1, theirs)
     ref = _torch_forward(net, x, legacy_merging=legacy)
     model = _monai_like(ours, conv_impl=conv_impl)
     params = _load(monai_entries, model, _numpy_sd(net), source_merging=source_merging)
     out = _run(apply_fns, model, params, x)
-    assert out.shape == (B, *SPATIAL, OUT_CH)
+    assert out.shape == (1, *SPATIAL, OUT_CH)
     err = np.abs(out - ref).max()
     assert err <= TOL, f"max abs error {err:.2e} vs MONAI ({ours} <- {theirs}, {conv_impl})"
     assert np.abs(ref).max() > 0.1
