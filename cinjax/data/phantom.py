@@ -3,14 +3,17 @@
 Each case is a random subject: a thorax (body with a fat layer, lungs, spine, ribs) around a heart made
 of the seven MM-WHS substructures (LV/RV/LA/RA blood pools, LV myocardium, ascending aorta, pulmonary
 artery). The heart is randomly posed (rotation, translation, scale), every substructure is jittered and
-the whole heart is smoothly deformed by a random displacement field. Neighbouring blood pools are
-separated by thin unlabelled walls, as in real images, so the structures can be told apart by
-intensity, shape and position.
+the whole heart is smoothly deformed by a random displacement field. The tubes carry some anatomy that
+tells them apart (aortic arch, left pulmonary artery, pulmonary-vein stubs on the left atrium, inferior
+vena cava on the right atrium, all labelled with their chamber / vessel); neighbouring blood pools are
+separated by thin unlabelled walls and the heart is wrapped in pericardium and pericardial fat, so the
+structures can be told apart by intensity, shape and position.
 
-CT cases are rendered on an RAS grid of (1.6, 1.6, 2.0) mm with HU-like intensities, partial-volume blur and Gaussian
-noise; MR cases come from *different* subjects, on an anisotropic grid with a non-RAS (PLS) orientation,
-with MR-like contrast (bright blood and fat, dark lungs), a smooth multiplicative bias field and Rician
-noise. Files are written like MM-WHS::
+CT cases are rendered on an RAS grid of (1.6, 1.6, 2.0) mm with HU-like intensities (CTA timing: the
+right heart less opacified than the left), partial-volume blur and Gaussian noise; MR cases come from
+*different* subjects, on a (1.2, 1.2, 2.0) mm grid with a non-RAS (PLS) orientation, MR-like contrast
+(bright blood and fat, dark myocardium and lungs), a smooth multiplicative bias field and Rician noise.
+Files are written like MM-WHS::
 
     root/ct_train/ct_train_10NN_image.nii.gz   int16 HU
     root/ct_train/ct_train_10NN_label.nii.gz   int16 MM-WHS codes (0, 205, 420, 500, 550, 600, 820, 850)
@@ -39,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-VERSION = 1
+VERSION = 2  # bump whenever the rendered data change for the same parameters
 MANIFEST = "phantom_manifest.json"
 CT, MR = 0, 1
 
@@ -82,7 +85,7 @@ class PhantomConfig:
     mr_shape: tuple[int, int, int] = (96, 96, 56)
     mr_spacing: tuple[float, float, float] = (1.2, 1.2, 2.0)
     mr_axcodes: str = "PLS"
-    wall_mm: float = 2.5
+    wall_mm: float = 3.0
 
     def __post_init__(self):
         for name in ("ct_axcodes", "mr_axcodes"):
@@ -134,6 +137,14 @@ def _warp_component(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, f
     return amp, freq, float(rng.uniform(0, 2 * np.pi))
 
 
+def _polyline(rng: np.random.Generator, points, radius_range) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Capsule segments through jittered ``points`` (heart-local mm), one random radius, tapering 10 %
+    per segment."""
+    pts = [np.asarray(p, np.float64) + rng.uniform(-2.5, 2.5, 3) for p in points]
+    r = float(rng.uniform(*radius_range))
+    return [(a, b, r * 0.9 ** i) for i, (a, b) in enumerate(zip(pts[:-1], pts[1:]))]
+
+
 def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
     """Draw one random subject: thorax geometry, heart pose, substructures, deformation, contrasts."""
 
@@ -158,8 +169,15 @@ def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
         "rv": (jitter([9, 14, -12]), axes([14, 8, 21]), tilt([-0.4, 0.3, -0.85])),
         "la": (jitter([-6, -21, 14]), axes([9, 10, 14]), tilt([1, 0, 0])),
         "ra": (jitter([19, -8, 8]), axes([10, 10, 13]), tilt([0, 0.2, 1])),
-        "ao": (jitter([-1, -3, 4]), jitter([4, -7, 44], 3), float(rng.uniform(6, 7.5))),
-        "pa": (jitter([-3, 18, 4]), jitter([-15, 4, 40], 3), float(rng.uniform(6, 7.5))),
+        # Tubes as polylines of (start, end, radius) segments: the ascending aorta with the start of the
+        # arch (hooking posteriorly), the pulmonary trunk with its left branch, four pulmonary-vein stubs
+        # on the left atrium and the inferior vena cava below the right atrium.
+        "ao": _polyline(rng, [[-1, -3, 4], [3, -6, 30], [-2, -16, 42], [-12, -26, 40]], (6.0, 7.5)),
+        "pa": _polyline(rng, [[-3, 18, 4], [-10, 8, 28], [-28, -4, 30]], (6.0, 7.5)),
+        "la_veins": [seg for a, b in (([-14, -24, 18], [-30, -28, 22]), ([-14, -24, 10], [-30, -28, 6]),
+                                      ([2, -24, 18], [16, -28, 22]), ([2, -24, 10], [16, -28, 6]))
+                     for seg in _polyline(rng, [a, b], (3.5, 4.5))],
+        "ivc": _polyline(rng, [[18, -6, -2], [14, -4, -40]], (5.0, 6.5)),
         "warp": [_warp_component(rng) for _ in range(4)],
     }
     thorax = {
@@ -171,10 +189,11 @@ def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
         "rib_period": float(rng.uniform(16, 20)),
         "rib_phase": float(rng.uniform(0, 2 * np.pi)),
     }
-    ct = {
+    blood_l = rng.uniform(380, 480)
+    ct = {  # contrast timing of a coronary CTA: the right heart is less opacified than the left
         LUNG: rng.uniform(-850, -780), FAT: rng.uniform(-110, -80), SOFT: rng.uniform(30, 55),
-        BONE: rng.uniform(600, 800), MYO: rng.uniform(95, 135),
-        BLOOD_L: rng.uniform(290, 380), BLOOD_R: rng.uniform(220, 340), AIR: -1000.0,
+        BONE: rng.uniform(450, 650), MYO: rng.uniform(125, 165),
+        BLOOD_L: blood_l, BLOOD_R: blood_l - rng.uniform(80, 140), AIR: -1000.0,
         "noise": rng.uniform(12, 25), "blur_mm": rng.uniform(0.8, 1.2),
     }
     mr = {
@@ -226,6 +245,14 @@ def _capsule_sdf(q: np.ndarray, a, b, radius: float) -> np.ndarray:
     return _norm3(d - h * ab) - np.float32(radius)
 
 
+def _union(sdf: np.ndarray | None, q: np.ndarray, segments) -> np.ndarray:
+    """``sdf`` (or nothing) united with capsules ``[(a, b, radius), ...]``."""
+    for seg in segments:
+        d = _capsule_sdf(q, *seg)
+        sdf = d if sdf is None else np.minimum(sdf, d)
+    return sdf
+
+
 def _heart(p: np.ndarray, heart: dict[str, Any], wall_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Label codes, tissue classes and signed distance to the heart at world points ``p`` (3, N)."""
     s = heart["scale"]
@@ -239,8 +266,10 @@ def _heart(p: np.ndarray, heart: dict[str, Any], wall_mm: float) -> tuple[np.nda
     rv = np.maximum(_ellipsoid_sdf(q, *heart["rv"]), -epi)  # the RV wraps around the septum
     sdf = np.stack([
         epi, rv,
-        _ellipsoid_sdf(q, *heart["la"]), _ellipsoid_sdf(q, *heart["ra"]),
-        _capsule_sdf(q, *heart["ao"]), _capsule_sdf(q, *heart["pa"]),
+        _union(_ellipsoid_sdf(q, *heart["la"]), q, heart["la_veins"]),
+        _union(_ellipsoid_sdf(q, *heart["ra"]), q, heart["ivc"]),
+        _union(None, q, heart["ao"]),
+        _union(None, q, heart["pa"]),
     ])
     sdf *= np.float32(s)
     owner = np.argmin(sdf, axis=0)
@@ -317,7 +346,9 @@ def render(
 
     tissue = _thorax(p, subject["thorax"])
     code, heart_tissue, envelope = _heart(p, heart, wall_mm)
-    near_heart = envelope < 4.0  # pericardium / mediastinal soft tissue pushes the lungs away
+    # Around the heart: a thin pericardium, then a layer of pericardial fat that pushes the lungs away.
+    tissue[(envelope > 1.5) & (envelope < 5.0)] = FAT
+    near_heart = envelope <= 1.5
     tissue[near_heart] = heart_tissue[near_heart]
 
     contrast = subject["ct" if modality == CT else "mr"]
