@@ -170,6 +170,8 @@ def test_bad_parameters():
         phantom.PhantomConfig(num_ct=2, num_val=1, num_test=1)
     with pytest.raises(ValueError, match="mr_axcodes"):
         phantom.PhantomConfig(mr_axcodes="RRS")
+    with pytest.raises(ValueError, match="wall_mm"):
+        phantom.PhantomConfig(wall_mm=10.0)
 
 
 def test_cli(dataset, capsys):

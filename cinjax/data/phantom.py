@@ -93,6 +93,8 @@ class PhantomConfig:
             axes = sorted(_AXIS_DIRECTIONS[c][0] for c in codes if c in _AXIS_DIRECTIONS)
             if len(codes) != 3 or axes != [0, 1, 2]:
                 raise ValueError(f"{name}={codes!r}: need one of R/L, A/P, S/I per axis, e.g. 'RAS' or 'PLS'.")
+        if not 0.0 <= self.wall_mm <= 6.0:
+            raise ValueError(f"wall_mm={self.wall_mm}: walls between blood pools must be 0-6 mm thick.")
         for modality, n in (("CT", self.num_ct), ("MR", self.num_mr)):
             if n < self.num_val + self.num_test + 1:
                 raise ValueError(
