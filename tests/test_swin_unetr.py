@@ -180,7 +180,11 @@ def _run(apply_fns, model, params, x, modality=None):
 
 @pytest.mark.parametrize(
     "dims,window,shift",
-    [((21, 21, 35), (7, 7, 7), (3, 3, 3)), ((4, 4, 14), (4, 4, 7), (0, 0, 3)), ((14, 7, 7), (7, 7, 7), (3, 3, 3))],
+    [
+        ((21, 21, 35), (7, 7, 7), (3, 3, 3)),
+        ((4, 4, 14), (4, 4, 7), (0, 0, 3)),
+        ((14, 7, 7), (7, 7, 7), (3, 3, 3)),
+    ],
 )
 def test_shift_mask_matches_monai(dims, window, shift):
     ours = swin.compute_mask(dims, window, shift)
@@ -191,7 +195,8 @@ def test_shift_mask_matches_monai(dims, window, shift):
 
 def test_window_ops_and_index_match_monai():
     attn = monai_swin.WindowAttention(dim=8, num_heads=2, window_size=(7, 7, 7))
-    np.testing.assert_array_equal(swin.relative_position_index((7, 7, 7)), attn.relative_position_index.numpy())
+    ref_index = attn.relative_position_index.numpy()
+    np.testing.assert_array_equal(swin.relative_position_index((7, 7, 7)), ref_index)
     a = np.random.default_rng(1).standard_normal((2, 14, 8, 21, 3)).astype(np.float32)
     ref = monai_swin.window_partition(torch.from_numpy(a), (7, 4, 7)).numpy()
     np.testing.assert_array_equal(np.asarray(swin.window_partition(jnp.asarray(a), (7, 4, 7))), ref)
@@ -237,7 +242,9 @@ def test_forward_parity_with_monai(x, apply_fns, ours, theirs, legacy, source_me
 
 # --- CIN inside Swin (conditional model vs per-modality PyTorch reference) ---------------------
 
-_CIN_KEY = re.compile(r"^(swinViT\..*(norm1|norm2|downsample\.norm)|encoder\d+\.layer\.norm\d)\.(weight|bias)$")
+_CIN_KEY = re.compile(
+    r"^(swinViT\..*(norm1|norm2|downsample\.norm)|encoder\d+\.layer\.norm\d)\.(weight|bias)$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +258,8 @@ def cin_case(x):
         sd = dict(base)
         for k, v in base.items():
             if _CIN_KEY.match(k):
-                sd[k] = ((1.0 if k.endswith("weight") else 0.0) + 0.3 * rng.standard_normal(v.shape)).astype(np.float32)
+                centre = 1.0 if k.endswith("weight") else 0.0
+                sd[k] = (centre + 0.3 * rng.standard_normal(v.shape)).astype(np.float32)
         per_mod.append(sd)
     mi_seg = {}
     for k, v in base.items():
@@ -318,7 +326,9 @@ README = {
 
 
 def _readme_model(section: str) -> SwinUNETR:
-    return SwinUNETR(out_channels=8, encoder_norm="instance_cond", vit_norm="instance_cond", **README[section])
+    return SwinUNETR(
+        out_channels=8, encoder_norm="instance_cond", vit_norm="instance_cond", **README[section]
+    )
 
 
 @pytest.mark.parametrize("section", list(README))
@@ -357,7 +367,8 @@ def test_mi_seg_state_dict_loads_strictly():
     k = flat[("decoder3", "transp_conv", "kernel")].reshape(w.shape[0], 2, 2, 2, w.shape[1])
     np.testing.assert_array_equal(k[:, 1, 0, 1, :], w[:, :, 1, 0, 1])
     np.testing.assert_array_equal(
-        flat[("encoder1", "layer", "conv3", "kernel")][0, 0, 0], sd["encoder1.layer.conv3.conv.weight"][:, :, 0, 0, 0].T
+        flat[("encoder1", "layer", "conv3", "kernel")][0, 0, 0],
+        sd["encoder1.layer.conv3.conv.weight"][:, :, 0, 0, 0].T,
     )
 
 
@@ -453,7 +464,13 @@ def test_remat_matches_no_remat_in_training():
     """Per-stage remat of a one-stage Swin encoder (a plain and a shifted block, then merging): same
     loss and gradients, dropout and drop-path active."""
     enc = SwinTransformer(
-        feature_size=12, num_heads=(2,), depths=(2,), norm="layer", dropout=0.1, attn_dropout=0.1, drop_path=0.3
+        feature_size=12,
+        num_heads=(2,),
+        depths=(2,),
+        norm="layer",
+        dropout=0.1,
+        attn_dropout=0.1,
+        drop_path=0.3,
     )
     x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 20, 16, 18, 1)), jnp.float32)
     params = _random_params(jax.eval_shape(enc.init, jax.random.key(0), x)["params"])
@@ -461,7 +478,8 @@ def test_remat_matches_no_remat_in_training():
     def apply_fn(m):
         return lambda p, key: m.apply({"params": p}, x, None, True, rngs={"dropout": key})
 
-    _assert_same_loss_and_grads(_grad_fn(apply_fn(enc)), _grad_fn(apply_fn(enc.clone(remat=True))), params)
+    plain, remat = _grad_fn(apply_fn(enc)), _grad_fn(apply_fn(enc.clone(remat=True)))
+    _assert_same_loss_and_grads(plain, remat, params)
 
 
 @pytest.mark.slow
@@ -473,4 +491,14 @@ def test_remat_matches_no_remat_in_training_full_model():
     def apply_fn(m):
         return lambda p, key: m.apply({"params": p}, x, None, train=True, rngs={"dropout": key})
 
-    _assert_same_loss_and_grads(_grad_fn(apply_fn(model)), _grad_fn(apply_fn(model.clone(remat=True))), params)
+    plain, remat = _grad_fn(apply_fn(model)), _grad_fn(apply_fn(model.clone(remat=True)))
+    _assert_same_loss_and_grads(plain, remat, params)
+
+
+def test_bf16_compute_keeps_fp32_params():
+    model = SwinUNETR(out_channels=2, feature_size=12, num_heads=1, dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 64, 1), jnp.float32)
+    params = _abstract(model, shape=x.shape)
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, jnp.zeros((1,), jnp.int32)), params, x)
+    assert out.dtype == jnp.bfloat16 and out.shape == (1, 32, 32, 64, 2)

@@ -139,8 +139,12 @@ class SwinTransformer(nn.Module):
         return y.astype(x.dtype)
 
     @nn.compact
-    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> list[jax.Array]:
-        x = PatchEmbed(self.feature_size, self.patch_size, self.conv_impl, self.dtype, name="patch_embed")(x)
+    def __call__(
+        self, x: jax.Array, modality: jax.Array | None = None, train: bool = False
+    ) -> list[jax.Array]:
+        x = PatchEmbed(
+            self.feature_size, self.patch_size, self.conv_impl, self.dtype, name="patch_embed"
+        )(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         outs = [self._proj_out(x)]
         rates = np.linspace(0.0, self.drop_path, sum(self.depths)).tolist()
@@ -250,7 +254,7 @@ class SwinUNETR(nn.Module):
             self.check_input_size(tuple(self.img_size), what="img_size")
 
     def check_input_size(self, size: Sequence[int], what: str = "input spatial size") -> None:
-        """Each axis divisible by 32; the deepest merge must keep more than one voxel under instance norms."""
+        """Each axis divisible by 32; under instance norms the deepest merge must keep > 1 voxel."""
         size = tuple(int(s) for s in size)
         div = self.patch_size**5
         if len(size) != 3 or any(s <= 0 or s % div for s in size):

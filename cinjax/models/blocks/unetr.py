@@ -66,7 +66,9 @@ class UnetResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
-        conv = functools.partial(Conv3d, self.features, use_bias=False, conv_impl=self.conv_impl, dtype=self.dtype)
+        conv = functools.partial(
+            Conv3d, self.features, use_bias=False, conv_impl=self.conv_impl, dtype=self.dtype
+        )
         norm = functools.partial(
             make_norm,
             self.norm,

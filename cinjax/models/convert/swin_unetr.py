@@ -32,7 +32,9 @@ from cinjax.models.layers.swin import MERGING_OFFSETS
 from cinjax.models.swin_unetr import NUM_STAGES, SwinUNETR
 
 # MONAI >= 1.5 PatchMerging ("merging") sub-grid order: all 8 offsets, not itertools order.
-MONAI_FIXED_MERGING_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+MONAI_FIXED_MERGING_OFFSETS = (
+    (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)
+)
 SOURCE_MERGINGS = ("same", "merging_fixed")
 
 Path = tuple[str, ...]
@@ -77,7 +79,9 @@ def _conv(path: Path, key: str) -> Entry:
     return Entry(path + ("kernel",), (key,), conv_kernel)
 
 
-def _res_block_entries(path: Path, prefix: str, in_ch: int, out_ch: int, kind: str, affine: bool, m: int) -> list[Entry]:
+def _res_block_entries(
+    path: Path, prefix: str, in_ch: int, out_ch: int, kind: str, affine: bool, m: int
+) -> list[Entry]:
     """UnetResBlock at ``prefix`` (e.g. ``encoder1.layer`` or ``decoder5.conv_block``)."""
     entries = []
     idx = (1, 2, 3) if in_ch != out_ch else (1, 2)
@@ -87,7 +91,9 @@ def _res_block_entries(path: Path, prefix: str, in_ch: int, out_ch: int, kind: s
     return entries
 
 
-def _merge_perm(source: tuple[tuple[int, int, int], ...], target: tuple[tuple[int, int, int], ...], c: int) -> np.ndarray:
+def _merge_perm(
+    source: tuple[tuple[int, int, int], ...], target: tuple[tuple[int, int, int], ...], c: int
+) -> np.ndarray:
     """Channel permutation taking the 8C merged channels in ``source`` order to ``target`` order."""
     blocks = [source.index(off) for off in target]
     return np.concatenate([np.arange(b * c, (b + 1) * c) for b in blocks])
@@ -152,8 +158,16 @@ def _entries(model: SwinUNETR, in_channels: int, source_merging: str) -> list[En
         ("decoder2", 2 * fs, fs),
         ("decoder1", fs, fs),
     ):
-        e.append(Entry((name, "transp_conv", "kernel"), (f"{name}.transp_conv.conv.weight",), transposed_kernel_from_torch))
-        e += _res_block_entries((name, "conv_block"), f"{name}.conv_block", 2 * cout, cout, dec_kind, dec_aff, m)
+        e.append(
+            Entry(
+                (name, "transp_conv", "kernel"),
+                (f"{name}.transp_conv.conv.weight",),
+                transposed_kernel_from_torch,
+            )
+        )
+        e += _res_block_entries(
+            (name, "conv_block"), f"{name}.conv_block", 2 * cout, cout, dec_kind, dec_aff, m
+        )
     e.append(_conv(("out", "conv"), "out.conv.conv.weight"))
     e.append(Entry(("out", "conv", "bias"), ("out.conv.conv.bias",), same))
     return e
@@ -181,9 +195,15 @@ def monai_entries(
     ``mergingv2`` model).
     """
     if model.vit_norm != "layer":
-        raise ValueError(f"MONAI's SwinUNETR uses LayerNorm in the Swin encoder; build the model with vit_norm='layer', not {model.vit_norm!r}.")
+        raise ValueError(
+            "MONAI's SwinUNETR uses LayerNorm in the Swin encoder; build the model with "
+            f"vit_norm='layer', not {model.vit_norm!r}."
+        )
     if "instance_cond" in (model.encoder_norm, model.decoder_norm):
-        raise ValueError("MONAI's SwinUNETR has no conditional norms; use encoder_norm/decoder_norm 'instance' (or another plain norm).")
+        raise ValueError(
+            "MONAI's SwinUNETR has no conditional norms; use encoder_norm/decoder_norm 'instance' "
+            "(or another plain norm)."
+        )
     if source_merging not in SOURCE_MERGINGS:
         raise ValueError(f"Unknown source_merging {source_merging!r}; expected one of {SOURCE_MERGINGS}.")
     if source_merging == "merging_fixed" and model.downsample != "mergingv2":

@@ -57,9 +57,10 @@ def window_partition(x: Any, window: Sequence[int]) -> Any:
 
 
 def window_reverse(windows: Any, window: Sequence[int], dims: Sequence[int]) -> Any:
-    """Inverse of :func:`window_partition`: (B * nW, N, C) → (B, D, H, W, C) with ``dims=(B, D, H, W)``."""
+    """Inverse of :func:`window_partition`: (B * nW, N, C) → (B, D, H, W, C), ``dims=(B, D, H, W)``."""
     b, d, h, w = dims
-    x = windows.reshape(b, d // window[0], h // window[1], w // window[2], window[0], window[1], window[2], -1)
+    wd, wh, ww = window
+    x = windows.reshape(b, d // wd, h // wh, w // ww, wd, wh, ww, -1)
     x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return x.reshape(b, d, h, w, -1)
 
@@ -299,7 +300,10 @@ class PatchMerging(nn.Module):
             num_groups=self.num_groups,
             module_name="norm",
         )(x, modality, train)
-        return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init, name="reduction")(x)
+        reduction = nn.Dense(
+            2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init, name="reduction"
+        )
+        return reduction(x)
 
 
 class PatchEmbed(nn.Module):
