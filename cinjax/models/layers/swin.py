@@ -192,7 +192,7 @@ class WindowAttention(nn.Module):
         qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x).reshape(b, nw, n, 3, heads, hd)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(hd**-0.5, q.dtype)
-        logits = jnp.einsum("bwnhd,bwmhd->bwhnm", q, k).astype(jnp.float32) + bias
+        logits = jnp.einsum("bwnhd,bwmhd->bwhnm", q, k, preferred_element_type=jnp.float32) + bias
         if mask_ids is not None:
             logits = logits + mask_from_region_ids(jnp.asarray(mask_ids))[None, :, None]
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
