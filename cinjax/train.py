@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,16 +106,12 @@ def prepare_data(data_config: Any, splits: Sequence[str]) -> preprocess.Prepared
 
 
 def _maybe_generate_phantom(config: ml_collections.ConfigDict) -> None:
-    """Demo configs carry ``data.phantom``: write the synthetic dataset first (idempotent)."""
-    spec = config.data.get("phantom")
-    if not spec or not spec.get("generate", False):
-        return
-    from cinjax.data import phantom
-
-    kwargs = {k: v for k, v in spec.to_dict().items() if k != "generate"}
+    """Demo configs carry ``data.phantom``: process 0 writes the synthetic dataset first (idempotent)."""
     if jax.process_index() == 0:
-        info = phantom.generate(config.data.root, **kwargs)
-        if info.get("generated"):
+        from cinjax.data import phantom
+
+        info = phantom.generate_from_config(config.data)
+        if info and info.get("generated"):
             logging.info("Generated the phantom dataset in %s (%.1f s).", info["root"], info["seconds"])
     distributed.sync("phantom")
 

@@ -30,14 +30,10 @@ _USAGE = "usage: python -m cinjax.data {verify,prepare} --config CONFIG.py"
 
 def _maybe_generate_phantom(data) -> None:
     """Configs with ``data.phantom.generate`` (the demo) describe data that is written on first use."""
-    spec = data.get("phantom")
-    if not spec or not spec.get("generate", False):
-        return
     from cinjax.data import phantom
 
-    kwargs = {k: v for k, v in dict(spec).items() if k != "generate"}
-    info = phantom.generate(data.root, **kwargs)
-    if info.get("generated"):
+    info = phantom.generate_from_config(data)
+    if info and info.get("generated"):
         print(f"Generated the phantom dataset in {info['root']} ({info['seconds']:.1f} s).")
 
 

@@ -511,3 +511,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def generate_from_config(data: Any) -> dict[str, Any] | None:
+    """Write the phantom a data config describes (``data.phantom.generate``) under ``data.root``.
+
+    Returns :func:`generate`'s result, or None when the config asks for no phantom. Idempotent.
+    """
+    spec = data.get("phantom")
+    if not spec or not spec.get("generate", False):
+        return None
+    kwargs = {k: v for k, v in dict(spec).items() if k != "generate"}
+    return generate(data.root, **kwargs)
