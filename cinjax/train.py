@@ -427,9 +427,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 # ---------------------------------------------------------------------------- eval / predict modes
 
 
+def _converted_model_config(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+    """A ``python -m cinjax.convert`` directory carries its model config: use it, checked against the data."""
+    with open(os.path.join(path, "config.json")) as f:
+        model = json.load(f)
+    if model.get("out_channels") != config.data.num_classes:
+        raise ValueError(f"{path}: the converted model predicts {model.get('out_channels')} classes but "
+                         f"config.data.num_classes={config.data.num_classes}.")
+    if model.get("num_modalities", 2) != len(config.data.modalities):
+        raise ValueError(f"{path}: the converted model has {model.get('num_modalities')} modalities but "
+                         f"config.data.modalities={dict(config.data.modalities)}.")
+    logging.info("Using the model config of the converted checkpoint %s: %s", path, model)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = model
+    return config
+
+
 def _restore_for_inference(config: ml_collections.ConfigDict, workdir: str, which: str):
-    model = make_model(config)
     path = which if which not in ("best", "latest") else workdir
+    if os.path.isfile(os.path.join(path, "conversion.json")):
+        config = _converted_model_config(config, path)
+    model = make_model(config)
     prefer = which if which in ("best", "latest") else "best"
     params, model_state = checkpointing.restore_inference_variables(path, prefer=prefer)
     return model, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, model_state)

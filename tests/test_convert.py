@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _mi_seg import unet_state_dict
 from flax import traverse_util
 
 from cinjax.models.convert import (
@@ -146,33 +147,7 @@ def tiny():
         lambda p: (0.3 * rng.standard_normal(p.shape)).astype(np.float32),
         jax.eval_shape(model.init, jax.random.key(1), x, modality)["params"],
     )
-    sd = {}
-    for path, v in traverse_util.flatten_dict(params).items():
-        v = np.array(v)
-        top = path[0]
-        if top in ("pre_conv", "out"):
-            prefix = f"{top}.conv"
-        elif top.startswith("down_"):
-            _, k, r = top.split("_")
-            prefix = f"down_path.{k}.{r}"
-        else:
-            prefix = f"up_path.{top.split('_')[1]}.1"
-        leaf = {"kernel": "weight", "bias": "bias", "scale": "weight", "negative_slope": "weight"}[path[-1]]
-        if path[-1] == "kernel":
-            v = np.transpose(v, (4, 3, 0, 1, 2))
-        if len(path) == 2:
-            sd[f"{prefix}.{leaf}"] = v
-        elif path[1] == "residual":
-            sd[f"{prefix}.residual.{leaf}"] = v
-        elif path[2] == "conv":
-            sd[f"{prefix}.conv.{path[1]}.conv.{leaf}"] = v
-        elif path[2] == "act":
-            sd[f"{prefix}.conv.{path[1]}.adn.A.weight"] = v.reshape(1)
-        elif v.ndim == 2:
-            for m in range(v.shape[0]):
-                sd[f"{prefix}.conv.{path[1]}.adn.N.norms.{m}.{leaf}"] = v[m]
-        else:
-            sd[f"{prefix}.conv.{path[1]}.adn.N.{leaf}"] = v
+    sd = unet_state_dict(params)
     logits = jax.jit(model.apply)({"params": params}, x, modality)
     return dict(sd=sd, params=params, x=x, modality=modality, logits=np.asarray(logits))
 
