@@ -6,6 +6,7 @@ Synthetic cache entries encode their identity in every voxel (``code * 10000 + f
 
 import json
 import os
+import pickle
 import time
 
 import grain
@@ -116,6 +117,16 @@ def test_schedule_draws_each_stream_in_order(mode, props, batch, per_device):
         assert i == next_index[m], (k, m, i)
         next_index[m] += 1
     assert sum(next_index) == steps * batch
+
+
+def test_epoch_shuffle_is_a_fresh_permutation_per_epoch():
+    shuffle = pipeline.EpochShuffle(7, seed=3)
+    epochs = [[shuffle[e * 7 + i][1] for i in range(7)] for e in range(6)]
+    assert all(sorted(e) == list(range(7)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1
+    clone = pickle.loads(pickle.dumps(shuffle))
+    assert [clone[k][1] for k in range(42)] == [i for e in epochs for i in e]
+    assert [pipeline.EpochShuffle(7, seed=4)[k][1] for k in range(42)] != [i for e in epochs for i in e]
 
 
 def test_interleave_equal_mix_on_every_device(records, mesh):

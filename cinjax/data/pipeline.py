@@ -2,7 +2,7 @@
 
 Data flow (one grain ``MapDataset`` graph, lazily evaluated)::
 
-    per modality: MapDataset.source(records).shuffle(seed_m).repeat()   (reshuffled every epoch)
+    per modality: MapDataset.source(records) → select_from_datasets(EpochShuffle)   (reshuffled every epoch)
       → select_from_datasets(modalities, ModalitySchedule)   canonical stream: element k = row k % B of step k // B
       → random_map(sample)      crop + augment; rng from (seed, k), so independent of the process layout
       → select_from_datasets([canonical], ProcessRows)        the rows this process's devices hold
@@ -164,6 +164,39 @@ class ModalitySchedule(grain.transforms.DatasetSelectionMap):
             f"ModalitySchedule(mode={self.mode!r}, proportions={self.proportions}, "
             f"global_batch_size={self.global_batch_size}, per_device={self.per_device})"
         )
+
+
+class EpochShuffle(grain.transforms.DatasetSelectionMap):
+    """Element ``k`` → record ``permutation_e[k % n]`` of epoch ``e = k // n``: reshuffled every epoch.
+
+    Replaces ``MapDataset.shuffle().repeat()``, whose ``index_shuffle`` costs milliseconds per lookup
+    on short lists (measured 1.7 ms at 16 records, 9 ms at 2; 0.03 ms at 1000) — about the cost of the
+    whole crop. One numpy permutation per epoch (a few µs for tens of records) is cached per epoch.
+    """
+
+    def __init__(self, num_records: int, seed: int):
+        self.num_records = int(num_records)
+        self.seed = int(seed)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        perm = self._cache.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+            if len(self._cache) >= 8:
+                self._cache.clear()
+            self._cache[epoch] = perm
+        return perm
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        epoch, i = divmod(int(index), self.num_records)
+        return 0, int(self.permutation(epoch)[i])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"num_records": self.num_records, "seed": self.seed, "_cache": {}}
 
 
 class ProcessRows(grain.transforms.DatasetSelectionMap):
@@ -397,7 +430,10 @@ def make_train_loader(
     rows = _local_rows(sharding, global_batch_size)
 
     streams = [
-        grain.MapDataset.source(list(records_by_modality[k])).shuffle(seed=_seed32(seed, 1, mid)).repeat()
+        grain.MapDataset.select_from_datasets(
+            [grain.MapDataset.source(list(records_by_modality[k]))],
+            EpochShuffle(len(records_by_modality[k]), _seed32(seed, 1, mid)),
+        )
         for k, mid in zip(keys, modality_ids)
     ]
     canonical = grain.MapDataset.select_from_datasets(streams, schedule)
