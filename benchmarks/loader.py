@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shape", type=int, default=160, help="edge of the synthetic cubic volumes")
     parser.add_argument("--volumes", type=int, default=2, help="volumes per modality (2 modalities)")
     parser.add_argument("--batch", type=int, default=2, help="crops per batch (both pipelines)")
-    parser.add_argument("--batches", type=int, default=15, help="timed batches per configuration")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first (start-up, buffers)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
     parser.add_argument("--seed", type=int, default=0)
