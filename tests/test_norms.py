@@ -13,7 +13,9 @@ from cinjax.models.layers.norms import (
     GroupNorm,
     InstanceNorm,
     LayerNorm,
+    NormSpec,
     check_modality_ids,
+    layer_normalize,
     make_norm,
 )
 
@@ -205,3 +207,23 @@ def test_make_norm_dispatch(name, cls):
 def test_make_norm_unknown_name():
     with pytest.raises(ValueError, match="Unknown norm 'instancecond'.*instance_cond"):
         make_norm("instancecond")
+
+
+@pytest.mark.parametrize("name", ["instance_cond", "instance", "layer", "batch", "group"])
+def test_norm_spec_builds_what_make_norm_builds(name):
+    spec = NormSpec(name, affine=False, num_groups=2, num_modalities=4)
+    assert hash(spec) == hash(NormSpec(name, False, 2, 4))  # hashable: usable as a Flax module field
+    built = spec.make("n")
+    assert built == make_norm(name, num_modalities=4, affine=False, num_groups=2, module_name="n")
+    assert built.name == "n"
+    assert built != NormSpec(name, affine=True, num_groups=1, num_modalities=3).make("n")
+
+
+def test_norm_spec_unknown_name():
+    with pytest.raises(ValueError, match="Unknown norm 'instancecond'"):
+        NormSpec("instancecond").make()
+
+
+def test_layer_normalize_matches_torch(volume):
+    ref = torch.nn.functional.layer_norm(torch.from_numpy(volume), (8,))
+    np.testing.assert_allclose(layer_normalize(volume), ref.numpy(), atol=1e-5)

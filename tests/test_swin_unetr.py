@@ -25,6 +25,7 @@ from monai.networks.nets import swin_unetr as monai_swin
 from cinjax.models.convert.common import apply_entries
 from cinjax.models.convert.swin_unetr import mi_seg_entries, monai_entries
 from cinjax.models.layers import swin
+from cinjax.models.layers.norms import NormSpec
 from cinjax.models.swin_unetr import SwinTransformer, SwinUNETR
 
 KEYS_FILE = Path("/work/shared/reference/mi-seg-state-dict-keys.txt")
@@ -467,7 +468,7 @@ def test_remat_matches_no_remat_in_training():
         feature_size=12,
         num_heads=(2,),
         depths=(2,),
-        norm="layer",
+        norm=NormSpec("layer"),
         dropout=0.1,
         attn_dropout=0.1,
         drop_path=0.3,

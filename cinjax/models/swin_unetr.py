@@ -16,11 +16,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cinjax.models.blocks.unetr import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
-from cinjax.models.layers.norms import EPS, NORM_NAMES, instance_normalize
+from cinjax.models.layers.norms import NORM_NAMES, NormSpec, instance_normalize, layer_normalize
 from cinjax.models.layers.swin import (
     MERGING_OFFSETS,
     PatchEmbed,
@@ -52,10 +51,7 @@ class BasicLayer(nn.Module):
     dropout: float = 0.0
     attn_dropout: float = 0.0
     downsample: str = "merging"
-    norm: str = "layer"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("layer")
     dtype: Any = None
 
     @nn.compact
@@ -73,9 +69,6 @@ class BasicLayer(nn.Module):
             dropout=self.dropout,
             attn_dropout=self.attn_dropout,
             norm=self.norm,
-            norm_affine=self.norm_affine,
-            num_groups=self.num_groups,
-            num_modalities=self.num_modalities,
             dtype=self.dtype,
         )
         for i in range(self.depth):
@@ -85,23 +78,7 @@ class BasicLayer(nn.Module):
                 name=f"blocks_{i}",
                 **common,
             )(x, mask_ids, modality, train)
-        return PatchMerging(
-            self.downsample,
-            self.norm,
-            self.norm_affine,
-            self.num_groups,
-            self.num_modalities,
-            self.dtype,
-            name="downsample",
-        )(x, modality, train)
-
-
-def _layer_normalize(x: jax.Array, eps: float = EPS) -> jax.Array:
-    """Non-affine LayerNorm over channels (fp32)."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return (x32 - mean) * jax.lax.rsqrt(var + eps)
+        return PatchMerging(self.downsample, self.norm, self.dtype, name="downsample")(x, modality, train)
 
 
 class SwinTransformer(nn.Module):
@@ -124,10 +101,7 @@ class SwinTransformer(nn.Module):
     drop_path: float = 0.0
     normalize: bool = True
     downsample: str = "merging"
-    norm: str = "layer"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("layer")
     conv_impl: str = "auto"
     dtype: Any = None
     remat: bool = False
@@ -135,7 +109,7 @@ class SwinTransformer(nn.Module):
     def _proj_out(self, x: jax.Array) -> jax.Array:
         if not self.normalize:
             return x
-        y = instance_normalize(x) if self.norm in _INSTANCE_NORMS else _layer_normalize(x)
+        y = instance_normalize(x) if self.norm.name in _INSTANCE_NORMS else layer_normalize(x)
         return y.astype(x.dtype)
 
     @nn.compact
@@ -162,9 +136,6 @@ class SwinTransformer(nn.Module):
                 attn_dropout=self.attn_dropout,
                 downsample=self.downsample,
                 norm=self.norm,
-                norm_affine=self.norm_affine,
-                num_groups=self.num_groups,
-                num_modalities=self.num_modalities,
                 dtype=self.dtype,
                 name=f"layers{i + 1}",
             )(x, modality, train)
@@ -282,12 +253,9 @@ class SwinUNETR(nn.Module):
         if self.dtype is not None:
             x = x.astype(self.dtype)
         fs = self.feature_size
-        enc_affine = self._affine(self.encoder_norm_affine)
-        dec_affine = self._affine(self.decoder_norm_affine)
-        conv_kw = dict(num_groups=self.num_groups, num_modalities=self.num_modalities,
-                       conv_impl=self.conv_impl, dtype=self.dtype)
-        enc = dict(norm=self.encoder_norm, norm_affine=enc_affine, **conv_kw)
-        dec = dict(norm=self.decoder_norm, norm_affine=dec_affine, **conv_kw)
+        conv_kw = dict(conv_impl=self.conv_impl, dtype=self.dtype)
+        enc = dict(norm=self._norm(self.encoder_norm, self.encoder_norm_affine), **conv_kw)
+        dec = dict(norm=self._norm(self.decoder_norm, self.decoder_norm_affine), **conv_kw)
 
         hidden = SwinTransformer(
             feature_size=fs,
@@ -302,10 +270,7 @@ class SwinUNETR(nn.Module):
             drop_path=self.drop_path,
             normalize=self.normalize,
             downsample=self.downsample,
-            norm=self.vit_norm,
-            norm_affine=self._affine(self.vit_norm_affine),
-            num_groups=self.num_groups,
-            num_modalities=self.num_modalities,
+            norm=self._norm(self.vit_norm, self.vit_norm_affine),
             conv_impl=self.conv_impl,
             dtype=self.dtype,
             remat=self.remat,
@@ -325,3 +290,7 @@ class SwinUNETR(nn.Module):
 
     def _affine(self, override: bool | None) -> bool:
         return self.norm_affine if override is None else override
+
+    def _norm(self, name: str, affine: bool | None) -> NormSpec:
+        """The spec of one norm group; ``affine=None`` falls back to ``norm_affine``."""
+        return NormSpec(name, self._affine(affine), self.num_groups, self.num_modalities)

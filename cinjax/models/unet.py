@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from cinjax.models.blocks.residual_unit import ResidualUnit
 from cinjax.models.layers.conv import CONV_IMPLS, Conv3d
-from cinjax.models.layers.norms import NORM_NAMES
+from cinjax.models.layers.norms import NORM_NAMES, NormSpec
 
 
 def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
@@ -85,10 +85,7 @@ class UNet(nn.Module):
                 features,
                 strides=stride,
                 kernel_size=self.kernel_size,
-                norm=norm,
-                norm_affine=self.norm_affine,
-                num_groups=self.num_groups,
-                num_modalities=self.num_modalities,
+                norm=NormSpec(norm, self.norm_affine, self.num_groups, self.num_modalities),
                 dropout=self.dropout,
                 conv_impl=self.conv_impl,
                 dtype=self.dtype,

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 
 from cinjax.models.layers.conv import Conv3d
-from cinjax.models.layers.norms import make_norm
+from cinjax.models.layers.norms import NormSpec
 
 
 class Convolution(nn.Module):
@@ -27,10 +27,7 @@ class Convolution(nn.Module):
     features: int
     strides: int = 1
     kernel_size: int = 3
-    norm: str = "instance"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("instance")
     dropout: float = 0.0
     conv_impl: str = "auto"
     dtype: Any = None
@@ -46,13 +43,7 @@ class Convolution(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        x = make_norm(
-            self.norm,
-            num_modalities=self.num_modalities,
-            affine=self.norm_affine,
-            num_groups=self.num_groups,
-            module_name="norm",
-        )(x, modality, train)
+        x = self.norm.make("norm")(x, modality, train)
         if self.dropout > 0.0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.PReLU(negative_slope_init=0.25, name="act")(x)
@@ -65,10 +56,7 @@ class ResidualUnit(nn.Module):
     strides: int = 1
     kernel_size: int = 3
     subunits: int = 2
-    norm: str = "instance"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("instance")
     dropout: float = 0.0
     conv_impl: str = "auto"
     dtype: Any = None
@@ -83,9 +71,6 @@ class ResidualUnit(nn.Module):
                 strides=self.strides if u == 0 else 1,
                 kernel_size=self.kernel_size,
                 norm=self.norm,
-                norm_affine=self.norm_affine,
-                num_groups=self.num_groups,
-                num_modalities=self.num_modalities,
                 dropout=self.dropout,
                 conv_impl=self.conv_impl,
                 dtype=self.dtype,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cinjax.models.layers.conv import Conv3d
-from cinjax.models.layers.norms import make_norm
+from cinjax.models.layers.norms import NormSpec
 
 LEAKY_SLOPE = 0.01
 
@@ -57,10 +57,7 @@ class UnetResBlock(nn.Module):
     features: int
     kernel_size: int = 3
     stride: int = 1
-    norm: str = "instance"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("instance")
     conv_impl: str = "auto"
     dtype: Any = None
 
@@ -69,23 +66,16 @@ class UnetResBlock(nn.Module):
         conv = functools.partial(
             Conv3d, self.features, use_bias=False, conv_impl=self.conv_impl, dtype=self.dtype
         )
-        norm = functools.partial(
-            make_norm,
-            self.norm,
-            num_modalities=self.num_modalities,
-            affine=self.norm_affine,
-            num_groups=self.num_groups,
-        )
         k = self.kernel_size
         pad = ((k - self.stride + 1) // 2,) * 2  # MONAI get_padding
         y = conv(kernel_size=k, strides=self.stride, padding=(pad,) * 3, name="conv1")(x)
-        y = nn.leaky_relu(norm(module_name="norm1")(y, modality, train), LEAKY_SLOPE)
+        y = nn.leaky_relu(self.norm.make("norm1")(y, modality, train), LEAKY_SLOPE)
         y = conv(kernel_size=k, name="conv2")(y)
-        y = norm(module_name="norm2")(y, modality, train)
+        y = self.norm.make("norm2")(y, modality, train)
         residual = x
         if x.shape[-1] != self.features or self.stride != 1:
             residual = conv(kernel_size=1, strides=self.stride, padding=((0, 0),) * 3, name="conv3")(x)
-            residual = norm(module_name="norm3")(residual, modality, train)
+            residual = self.norm.make("norm3")(residual, modality, train)
         return nn.leaky_relu(y + residual.astype(y.dtype), LEAKY_SLOPE)
 
 
@@ -95,10 +85,7 @@ class UnetrBasicBlock(nn.Module):
     features: int
     kernel_size: int = 3
     stride: int = 1
-    norm: str = "instance"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("instance")
     conv_impl: str = "auto"
     dtype: Any = None
 
@@ -109,9 +96,6 @@ class UnetrBasicBlock(nn.Module):
             self.kernel_size,
             self.stride,
             self.norm,
-            self.norm_affine,
-            self.num_groups,
-            self.num_modalities,
             self.conv_impl,
             self.dtype,
             name="layer",
@@ -124,10 +108,7 @@ class UnetrUpBlock(nn.Module):
 
     features: int
     kernel_size: int = 3
-    norm: str = "instance"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("instance")
     conv_impl: str = "auto"
     dtype: Any = None
 
@@ -151,13 +132,9 @@ class UnetrUpBlock(nn.Module):
         return UnetResBlock(
             self.features,
             self.kernel_size,
-            1,
-            self.norm,
-            self.norm_affine,
-            self.num_groups,
-            self.num_modalities,
-            self.conv_impl,
-            self.dtype,
+            norm=self.norm,
+            conv_impl=self.conv_impl,
+            dtype=self.dtype,
             name="conv_block",
         )(y, modality, train)
 

@@ -10,10 +10,14 @@ and the result is cast back to the input dtype.
   ``scale[modality[b], c]``, ``bias[modality[b], c]`` gathered in one vectorized op.
 * :class:`InstanceNorm` (``instance``; affine or not), :class:`LayerNorm` (``layer``, over channels),
   :class:`BatchNorm` (``batch``), :class:`GroupNorm` (``group``).
+
+Blocks take a :class:`NormSpec` (which norm to build, hashable so it can be a module field) and call
+``spec.make(module_name)``; nets turn their config fields (``encoder_norm``, ``norm_affine``, ...) into specs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +76,19 @@ def instance_normalize(x: jax.Array, eps: float = EPS) -> jax.Array:
     return (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + eps)
 
 
+def layer_normalize(x: jax.Array, eps: float = EPS) -> jax.Array:
+    """Normalise each position over the channel axis (fp32 result, no affine)."""
+    mean, var = _moments(x, (x.ndim - 1,))
+    return (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + eps)
+
+
+def _channel_affine(module: nn.Module, y: jax.Array, param_dtype: Any) -> jax.Array:
+    """``y * scale + bias`` with per-channel params ``scale`` (ones) and ``bias`` (zeros) of ``module``."""
+    c = y.shape[-1]
+    y = y * module.param("scale", nn.initializers.ones, (c,), param_dtype).astype(jnp.float32)
+    return y + module.param("bias", nn.initializers.zeros, (c,), param_dtype).astype(jnp.float32)
+
+
 class ConditionalInstanceNorm(nn.Module):
     """Instance norm with per-modality affine tables ``scale[M, C]`` and ``bias[M, C]``.
 
@@ -119,9 +136,7 @@ class InstanceNorm(nn.Module):
     def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
         y = instance_normalize(x, self.epsilon)
         if self.affine:
-            c = x.shape[-1]
-            y = y * self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
-            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+            y = _channel_affine(self, y, self.param_dtype)
         return y.astype(x.dtype)
 
 
@@ -134,12 +149,9 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
-        mean, var = _moments(x, (x.ndim - 1,))
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = layer_normalize(x, self.epsilon)
         if self.affine:
-            c = x.shape[-1]
-            y = y * self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
-            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+            y = _channel_affine(self, y, self.param_dtype)
         return y.astype(x.dtype)
 
 
@@ -161,8 +173,7 @@ class GroupNorm(nn.Module):
         mean, var = _moments(xg, axes)
         y = ((xg.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         if self.affine:
-            y = y * self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
-            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+            y = _channel_affine(self, y, self.param_dtype)
         return y.astype(x.dtype)
 
 
@@ -214,3 +225,26 @@ def make_norm(
     if name == "group":
         return GroupNorm(num_groups=num_groups, affine=affine, **kw)
     raise ValueError(f"Unknown norm {name!r}; expected one of {NORM_NAMES}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """Which norm a block builds: MI-Seg's ``name`` and the options :func:`make_norm` reads for it.
+
+    Frozen (hashable) so a block takes one ``norm: NormSpec`` field instead of four.
+    """
+
+    name: str = "instance"
+    affine: bool = True
+    num_groups: int = 4
+    num_modalities: int = 2
+
+    def make(self, module_name: str | None = None) -> nn.Module:
+        """The norm module, named ``module_name`` in its parent."""
+        return make_norm(
+            self.name,
+            num_modalities=self.num_modalities,
+            affine=self.affine,
+            num_groups=self.num_groups,
+            module_name=module_name,
+        )

@@ -13,7 +13,7 @@ MI-Seg quirks reproduced on purpose (released weights depend on them, mi-seg-fac
 * zero-padded tokens take part in attention (no padding mask); the shift mask uses -100;
 * ``downsample="merging"`` (v1) concatenates the sub-grids in the order (0,0,0), (1,0,0), (0,1,0),
   (0,0,1), (1,0,1), (0,1,0), (0,0,1), (1,1,1): two are duplicated, (1,1,0) and (0,1,1) are unused;
-* norms inside a stage come from :func:`~cinjax.models.layers.norms.make_norm`: instance norms
+* norms inside a stage come from a :class:`~cinjax.models.layers.norms.NormSpec`: instance norms
   (``instance`` / ``instance_cond``) normalise over the whole stage token grid per sample and
   channel, LayerNorm per token over channels.
 """
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cinjax.models.layers.conv import Conv3d
-from cinjax.models.layers.norms import make_norm
+from cinjax.models.layers.norms import NormSpec
 
 Triple = tuple[int, int, int]
 
@@ -218,10 +218,7 @@ class SwinTransformerBlock(nn.Module):
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0
-    norm: str = "layer"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("layer")
     dtype: Any = None
 
     @nn.compact
@@ -233,16 +230,9 @@ class SwinTransformerBlock(nn.Module):
         train: bool = False,
     ) -> jax.Array:
         b, d, h, w, c = x.shape
-        norm = functools.partial(
-            make_norm,
-            self.norm,
-            num_modalities=self.num_modalities,
-            affine=self.norm_affine,
-            num_groups=self.num_groups,
-        )
         drop_path = DropPath(self.drop_path)
 
-        y = norm(module_name="norm1")(x, modality, train)
+        y = self.norm.make("norm1")(x, modality, train)
         window, shift = get_window_size((d, h, w), self.window, self.shift)
         pads = [(-s) % ws for s, ws in zip((d, h, w), window)]
         y = jnp.pad(y, ((0, 0), (0, pads[0]), (0, pads[1]), (0, pads[2]), (0, 0)))
@@ -267,7 +257,7 @@ class SwinTransformerBlock(nn.Module):
         y = y[:, :d, :h, :w]
         x = x + drop_path(y, train)
 
-        y = norm(module_name="norm2")(x, modality, train)
+        y = self.norm.make("norm2")(x, modality, train)
         y = Mlp(int(c * self.mlp_ratio), self.dropout, self.dtype, name="mlp")(y, train)
         return x + drop_path(y, train)
 
@@ -280,10 +270,7 @@ class PatchMerging(nn.Module):
     """
 
     mode: str = "merging"
-    norm: str = "layer"
-    norm_affine: bool = True
-    num_groups: int = 4
-    num_modalities: int = 2
+    norm: NormSpec = NormSpec("layer")
     dtype: Any = None
 
     @nn.compact
@@ -293,13 +280,7 @@ class PatchMerging(nn.Module):
         _, d, h, w, c = x.shape
         x = jnp.pad(x, ((0, 0), (0, d % 2), (0, h % 2), (0, w % 2), (0, 0)))
         x = jnp.concatenate([x[:, i::2, j::2, k::2, :] for i, j, k in MERGING_OFFSETS[self.mode]], axis=-1)
-        x = make_norm(
-            self.norm,
-            num_modalities=self.num_modalities,
-            affine=self.norm_affine,
-            num_groups=self.num_groups,
-            module_name="norm",
-        )(x, modality, train)
+        x = self.norm.make("norm")(x, modality, train)
         reduction = nn.Dense(
             2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init, name="reduction"
         )
