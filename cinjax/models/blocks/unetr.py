@@ -79,15 +79,9 @@ class UnetResBlock(nn.Module):
         return nn.leaky_relu(y + residual.astype(y.dtype), LEAKY_SLOPE)
 
 
-class UnetrBasicBlock(nn.Module):
-    """MONAI ``UnetrBasicBlock(res_block=True)``: a :class:`UnetResBlock` stored under ``layer``."""
-
-    features: int
-    kernel_size: int = 3
-    stride: int = 1
-    norm: NormSpec = NormSpec("instance")
-    conv_impl: str = "auto"
-    dtype: Any = None
+class UnetrBasicBlock(UnetResBlock):
+    """MONAI ``UnetrBasicBlock(res_block=True)``: a :class:`UnetResBlock` (same fields) whose params
+    sit under ``layer``, mirroring MONAI's ``encoder*.layer.*`` keys."""
 
     @nn.compact
     def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
