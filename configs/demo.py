@@ -36,10 +36,10 @@ def get_config():
     c.optim.schedule.warmup_steps = 20
 
     t = c.train
-    t.num_steps = 300
+    t.num_steps = 600
     t.log_every = 10
-    t.eval_every = 0
-    t.checkpoint_every = 50
+    t.eval_every = 200
+    t.checkpoint_every = 100
     c.eval.split = "validation"
     c.eval.windows_per_call = 4
     c.predict.after_train = True
