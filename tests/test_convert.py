@@ -18,12 +18,8 @@ from cinjax.models.convert import (
     parse_mi_seg_args,
 )
 
-# MI-Seg's own state-dict listing (key, shape, dtype per released architecture).
-_KEYS_FILES = (
-    os.path.join(os.path.dirname(__file__), "data", "mi-seg-state-dict-keys.txt"),
-    "/work/shared/reference/mi-seg-state-dict-keys.txt",
-)
-KEYS_FILE = next((p for p in _KEYS_FILES if os.path.exists(p)), _KEYS_FILES[0])
+# MI-Seg's own state-dict listing (key, shape, dtype per released architecture), shipped with the tests.
+KEYS_FILE = os.path.join(os.path.dirname(__file__), "data", "mi-seg-state-dict-keys.txt")
 
 TINY_ARGS = [
     "--model_name=unet_vanilla", "--encoder_norm_name=instance_cond", "--feature_size", "4", "8", "16",

@@ -1,5 +1,7 @@
 """Losses vs MONAI 1.1.0 golden values and an independent float64 numpy reference."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from cinjax import losses
 
-GOLDEN = "/work/shared/reference/golden/monai110_losses.npz"
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "monai110_losses.npz")  # MONAI 1.1.0 values
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import warnings
 
 import jax
@@ -13,7 +14,7 @@ from monai.metrics import compute_average_surface_distance, compute_hausdorff_di
 
 from cinjax import metrics
 
-GOLDEN = "/work/shared/reference/golden/monai110_losses.npz"
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "monai110_losses.npz")  # MONAI 1.1.0 values
 SPACING = (2.0, 0.75, 1.25)
 
 

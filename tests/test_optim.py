@@ -1,6 +1,7 @@
 """Optimizers and schedules vs PyTorch / MONAI (torch 2.13 CPU) and the MONAI 1.1.0 golden schedule."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import torch
 
 from cinjax import optim
 
-GOLDEN = "/work/shared/reference/golden/monai110_losses.npz"
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "monai110_losses.npz")  # MONAI 1.1.0 values
 
 
 def _config(**optim_overrides) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ from cinjax.models.layers import swin
 from cinjax.models.layers.norms import NormSpec
 from cinjax.models.swin_unetr import SwinTransformer, SwinUNETR
 
-KEYS_FILE = Path("/work/shared/reference/mi-seg-state-dict-keys.txt")
+KEYS_FILE = Path(__file__).parent / "data" / "mi-seg-state-dict-keys.txt"
 B, SPATIAL, IN_CH, OUT_CH, FS, HEADS = 2, (32, 32, 64), 2, 3, 12, 2
 TOL = 1e-4
 
