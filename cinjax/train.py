@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -205,7 +206,7 @@ def evaluate(
     roi = tuple(config.data.roi)
     mesh = local_mesh(ev.windows_per_call)
     volumes, panels = [], {}
-    for rec in records:
+    for rec in tqdm.tqdm(records, desc="evaluate", unit="vol", disable=jax.process_index() != 0, leave=False):
         if not rec.has_label:
             raise ValueError(f"{rec.key}: evaluation needs labelled volumes (split {ev.split!r}).")
         image, label = cache.read_volume(rec)
@@ -536,7 +537,7 @@ def predict(
     records = prepared.all_records(split)
     if not records:
         raise ValueError(f"No volumes to predict in split {split!r}.")
-    for rec in records:
+    for rec in tqdm.tqdm(records, desc="predict", unit="vol", disable=jax.process_index() != 0, leave=False):
         meta = cache.read_meta(rec.path)
         image, _ = cache.read_volume(rec)
         pred = inference.predict_volume(
