@@ -50,6 +50,8 @@ from etils import epath
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
+from cinjax.metrics import json_safe
+
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -119,23 +121,6 @@ def check_workdir_writable(workdir: str | os.PathLike[str], min_free_bytes: int 
 # ---------------------------------------------------------------------------
 
 
-def _json_safe(tree: Any) -> Any:
-    """Metrics → plain JSON: numpy/jax scalars to Python numbers, NaN/inf to None."""
-    if isinstance(tree, Mapping):
-        return {str(k): _json_safe(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_json_safe(v) for v in tree]
-    if isinstance(tree, (str, bool)) or tree is None:
-        return tree
-    arr = np.asarray(tree)
-    if arr.ndim == 0 and arr.dtype.kind in "biuf":
-        value = arr.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-    return str(tree)
-
-
 class Checkpointer:
     """Saves / restores train state + data-iterator state: keep-latest-N and best-by-Dice.
 
@@ -198,7 +183,7 @@ class Checkpointer:
         return {
             "step": int(step),
             "config_hash": self.config_hash,
-            "metrics": _json_safe(dict(metrics or {})),
+            "metrics": json_safe(dict(metrics or {})),
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "process_count": jax.process_count(),
         }

@@ -329,7 +329,12 @@ def json_safe(tree: Any) -> Any:
         return [json_safe(v) for v in tree]
     if isinstance(tree, (str, bool)) or tree is None:
         return tree
-    value = np.asarray(tree).item()
+    arr = np.asarray(tree)
+    if arr.dtype.kind not in "biuf":
+        return str(tree)
+    if arr.ndim:
+        return [json_safe(v) for v in arr.tolist()]
+    value = arr.item()
     if isinstance(value, float) and not math.isfinite(value):
         if math.isnan(value):
             return None
