@@ -301,7 +301,7 @@ def test_default_sample_fn_is_the_training_transform(records, mesh):
     for step in range(2):
         batch, other = next(loader), next(again)
         assert batch["image"].dtype == np.float32 and batch["image"].shape == (8, *CROP, 1)
-        assert batch["label"].dtype == np.int32 and batch["modality"].dtype == np.int32
+        assert batch["label"].dtype == np.uint8 and batch["modality"].dtype == np.int32
         np.testing.assert_array_equal(np.asarray(batch["modality"]), loader.expected_modalities(step))
         np.testing.assert_array_equal(np.asarray(batch["image"]), np.asarray(other["image"]))
         assert set(np.unique(np.asarray(batch["label"])).tolist()) <= {0, 1, 2, 3}

@@ -244,7 +244,7 @@ def test_train_sample_shapes_dtypes_and_alignment(record):
     for seed in range(40):
         out = T.train_sample(rec, np.random.default_rng(seed), cfg)
         assert out["image"].shape == (8, 8, 8, 1) and out["image"].dtype == np.float32
-        assert out["label"].shape == (8, 8, 8) and out["label"].dtype == np.int32
+        assert out["label"].shape == (8, 8, 8) and out["label"].dtype == np.uint8
         assert out["modality"].shape == () and out["modality"].dtype == np.int32 and out["modality"] == 1
         source = out["image"][..., 0].astype(np.int64) - 1
         inside = source >= 0  # voxels of the zeroed slab carry no id

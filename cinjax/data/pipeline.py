@@ -393,7 +393,7 @@ def make_train_loader(
         alternating) or ``"single"`` (exactly one modality given).
       ratios: relative modality frequencies (mapping by key or sequence in key order); default equal.
       transform_cfg: passed to ``sample_fn`` (a ``transforms.TransformConfig`` for the default).
-      sample_fn: ``fn(record, rng, cfg) -> {"image" f32 (D,H,W,1), "label" int32 (D,H,W),
+      sample_fn: ``fn(record, rng, cfg) -> {"image" f32 (D,H,W,1), "label" integer (D,H,W),
         "modality" int32}``; default ``cinjax.data.transforms.train_sample``. Must be picklable for
         ``num_workers > 0`` (module-level function).
       num_workers: grain worker processes (``mp_prefetch``); 0 computes in this process. Workers are
