@@ -71,6 +71,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"optim.schedule.plateau_metric must be 'loss' or 'dice', got {sched.plateau_metric!r}.")
         if sched.plateau_mode != want:
             raise ValueError(f"optim.schedule.plateau_metric={sched.plateau_metric!r} needs plateau_mode={want!r}.")
+        if config.mode == "train" and not config.train.eval_every:
+            raise ValueError("optim.schedule.name='reduce_on_plateau' steps on validation results: set "
+                             "train.eval_every > 0.")
     if config.mode == "train":
         if config.train.num_steps < 1:
             raise ValueError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}.")
@@ -335,8 +338,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         saved = ckpt.metadata() if restored is not None else None
         if saved and "plateau" in saved.get("metrics", {}):
             plateau.load_state_dict(saved["metrics"]["plateau"])
-        if not tc.eval_every:
-            raise ValueError("optim.schedule.name='reduce_on_plateau' needs train.eval_every > 0.")
     plateau_on_loss = plateau is not None and config.optim.schedule.plateau_metric == "loss"
     eval_loss_fn = loss_fn if plateau_on_loss or config.eval.loss else None
 

@@ -65,3 +65,16 @@ def test_config_errors_are_caught_at_start_up():
     c.train.dtype = "float16"
     with pytest.raises(ValueError, match="dtype"):
         train.validate_config(c)
+
+
+def test_plateau_schedule_needs_periodic_evaluation():
+    c = load("configs/demo.py")
+    c.optim.schedule.name = "reduce_on_plateau"
+    c.train.eval_every = 0
+    with pytest.raises(ValueError, match="eval_every"):
+        train.validate_config(c)
+    c.train.eval_every = 10
+    train.validate_config(c)
+    c.optim.schedule.plateau_metric = "dice"
+    with pytest.raises(ValueError, match="plateau_mode='max'"):
+        train.validate_config(c)
