@@ -304,3 +304,17 @@ def test_predict_from_a_converted_mi_seg_checkpoint(data_args, tmp_path):
     preds = sorted(os.listdir(w / "predictions"))
     assert len(preds) == 2
     assert set(np.unique(np.asarray(nib.load(str(w / "predictions" / preds[0])).dataobj)).tolist()) <= MMWHS_CODES
+
+
+def test_reduce_on_plateau_lowers_the_lr_after_evaluations(data_args, tmp_path):
+    """patience 0 and an unreachable improvement threshold: every evaluation after the first halves the lr."""
+    w = tmp_path / "plateau"
+    s = "--config.optim.schedule."
+    _run(w, data_args + [
+        f"{s}name=reduce_on_plateau", f"{s}plateau_metric=dice", f"{s}plateau_mode=max", f"{s}plateau_patience=0",
+        f"{s}plateau_factor=0.5", f"{s}plateau_threshold=10.0", f"{s}plateau_threshold_mode=abs",
+        "--config.optim.lr=0.01", "--config.train.num_steps=4", "--config.train.eval_every=1",
+        "--config.train.final_eval=False", "--config.eval.distances=False", "--config.eval.panels=False",
+    ])
+    lrs = {r["step"]: r["lr"] for r in _metrics(w) if r["split"] == "train"}
+    np.testing.assert_allclose([lrs[s] for s in (1, 2, 3, 4)], [0.01, 0.01, 0.005, 0.0025], rtol=1e-6)
