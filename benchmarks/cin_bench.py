@@ -37,7 +37,9 @@ def per_sample_cin(x: jax.Array, modality: jax.Array, scale: jax.Array, bias: ja
 
 
 def vectorized_cin(x: jax.Array, modality: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-    return ConditionalInstanceNorm(NUM_MODALITIES).apply({"params": {"scale": scale, "bias": bias}}, x, modality)
+    return ConditionalInstanceNorm(NUM_MODALITIES).apply(
+        {"params": {"scale": scale, "bias": bias}}, x, modality
+    )
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:
@@ -63,7 +65,9 @@ def _jax_timings(impl, x, modality, scale, bias, w, repeats):
 def _torch_timings(x, modality, scale, bias, w, repeats):
     import torch
 
-    norms = torch.nn.ModuleList(torch.nn.InstanceNorm3d(x.shape[-1], affine=True) for _ in range(NUM_MODALITIES))
+    norms = torch.nn.ModuleList(
+        torch.nn.InstanceNorm3d(x.shape[-1], affine=True) for _ in range(NUM_MODALITIES)
+    )
     with torch.no_grad():
         for m, n in enumerate(norms):
             n.weight.copy_(torch.from_numpy(scale[m]))
@@ -140,8 +144,15 @@ def run(batch_sizes, spatial, channels, repeats, with_torch) -> dict:
 
 
 def _table(result: dict) -> str:
-    cols = ["batch", "vectorized_fwd_ms", "loop_fwd_ms", "speedup_fwd",
-            "vectorized_fwd_bwd_ms", "loop_fwd_bwd_ms", "speedup_fwd_bwd"]
+    cols = [
+        "batch",
+        "vectorized_fwd_ms",
+        "loop_fwd_ms",
+        "speedup_fwd",
+        "vectorized_fwd_bwd_ms",
+        "loop_fwd_bwd_ms",
+        "speedup_fwd_bwd",
+    ]
     if "torch_loop_fwd_ms" in result["rows"][0]:
         cols += ["torch_loop_fwd_ms", "torch_loop_fwd_bwd_ms"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
@@ -160,8 +171,10 @@ def main() -> None:
     p.add_argument("--out", default=None, help="Write the results as JSON here.")
     a = p.parse_args()
     result = run(a.batch_sizes, a.spatial, a.channels, a.repeats, a.torch)
-    print(f"CIN on {result['env']['device_kind']} ({result['env']['backend']}), "
-          f"{a.spatial}^3 x {a.channels} ch, median of {a.repeats}")
+    print(
+        f"CIN on {result['env']['device_kind']} ({result['env']['backend']}), "
+        f"{a.spatial}^3 x {a.channels} ch, median of {a.repeats}"
+    )
     print(_table(result))
     if a.out:
         with open(a.out, "w") as f:

@@ -17,8 +17,9 @@ a few batches) do not count: the figure is the steady-state production rate, the
 only) is cinjax with its background prefetch threads off, i.e. fully synchronous like MONAI's
 ``num_workers=0``. ``cpu_ms_per_crop`` is this process's CPU time (all its threads) per timed crop:
 with 0 workers it is the whole cost of a crop and, unlike crops/s, hardly moves when other jobs
-share the cores; with workers it is only the main process's share. All MONAI runs come first, before JAX and tensorstore start threads in this
-process (its DataLoader forks workers); torch runs with one intra-op thread, as in its workers.
+share the cores; with workers it is only the main process's share. All MONAI runs come first,
+before JAX and tensorstore start threads in this process (its DataLoader forks workers); torch runs
+with one intra-op thread, as in its workers.
 
 Usage: ``python -m benchmarks.loader [--crops 96 64] [--workers 0 1 2] [--repeats 3] [--out loader.json]``
 """
@@ -64,21 +65,31 @@ def write_cache(root: str, arrays: dict[str, list]) -> dict[str, list]:
     from cinjax.data import cache
 
     return {
-        name: [cache.write_entry(os.path.join(root, f"{name}_{i}"), key=f"{name}_{i}", modality=modality,
-                                 image=image, label=label, meta={"synthetic": True})
-               for i, (image, label) in enumerate(volumes)]
+        name: [
+            cache.write_entry(
+                os.path.join(root, f"{name}_{i}"),
+                key=f"{name}_{i}",
+                modality=modality,
+                image=image,
+                label=label,
+                meta={"synthetic": True},
+            )
+            for i, (image, label) in enumerate(volumes)
+        ]
         for modality, (name, volumes) in enumerate(arrays.items())
     }
 
 
-def time_cinjax(records, crop: int, workers: int, batch: int, batches: int, warmup: int, seed: int,
-                prefetch: int = 2) -> dict[str, float]:
+def time_cinjax(
+    records, crop: int, workers: int, batch: int, batches: int, warmup: int, seed: int, prefetch: int = 2
+) -> dict[str, float]:
     from cinjax.data import pipeline, transforms
 
     cfg = transforms.TransformConfig(roi=(crop, crop, crop))
     start = time.perf_counter()
-    loader = pipeline.make_train_loader(records, global_batch_size=batch, seed=seed, transform_cfg=cfg,
-                                        num_workers=workers, prefetch=prefetch)
+    loader = pipeline.make_train_loader(
+        records, global_batch_size=batch, seed=seed, transform_cfg=cfg, num_workers=workers, prefetch=prefetch
+    )
     loader.next_local()
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
@@ -92,11 +103,16 @@ def time_cinjax(records, crop: int, workers: int, batch: int, batches: int, warm
     loader.close()
     del loader
     gc.collect()
-    return {"crops_per_s": batch * batches / elapsed, "first_batch_s": first,
-            "cpu_ms_per_crop": 1000 * cpu / (batch * batches)}
+    return {
+        "crops_per_s": batch * batches / elapsed,
+        "first_batch_s": first,
+        "cpu_ms_per_crop": 1000 * cpu / (batch * batches),
+    }
 
 
-def time_monai(arrays, crop: int, workers: int, batch: int, batches: int, warmup: int, seed: int) -> dict[str, float]:
+def time_monai(
+    arrays, crop: int, workers: int, batch: int, batches: int, warmup: int, seed: int
+) -> dict[str, float]:
     import monai
     import torch
     from monai import transforms as mt
@@ -106,25 +122,41 @@ def time_monai(arrays, crop: int, workers: int, batch: int, batches: int, warmup
     keys = ("image", "label")
     data = [
         {"image": image[None], "label": label[None].astype(np.float32), "modality": modality}
-        for modality, name in enumerate(("CT", "MR")) for image, label in arrays[name]
+        for modality, name in enumerate(("CT", "MR"))
+        for image, label in arrays[name]
     ]
-    transform = mt.Compose([
-        mt.EnsureTyped(keys=keys, track_meta=True),
-        mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=(crop,) * 3, pos=1, neg=1,
-                                  num_samples=1, image_key="image", image_threshold=0),
-        mt.RandFlipd(keys=keys, prob=0.2, spatial_axis=0),
-        mt.RandFlipd(keys=keys, prob=0.2, spatial_axis=1),
-        mt.RandFlipd(keys=keys, prob=0.2, spatial_axis=2),
-        mt.RandRotate90d(keys=keys, prob=0.2, max_k=3),
-        mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.1),
-        mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.1),
-        mt.ToTensord(keys=keys),
-    ])
-    dataset = monai.data.CacheDataset(data, transform=transform, cache_rate=1.0, num_workers=1, progress=False)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (batches + warmup))
+    transform = mt.Compose(
+        [
+            mt.EnsureTyped(keys=keys, track_meta=True),
+            mt.RandCropByPosNegLabeld(
+                keys=keys,
+                label_key="label",
+                spatial_size=(crop,) * 3,
+                pos=1,
+                neg=1,
+                num_samples=1,
+                image_key="image",
+                image_threshold=0,
+            ),
+            mt.RandFlipd(keys=keys, prob=0.2, spatial_axis=0),
+            mt.RandFlipd(keys=keys, prob=0.2, spatial_axis=1),
+            mt.RandFlipd(keys=keys, prob=0.2, spatial_axis=2),
+            mt.RandRotate90d(keys=keys, prob=0.2, max_k=3),
+            mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.1),
+            mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.1),
+            mt.ToTensord(keys=keys),
+        ]
+    )
+    dataset = monai.data.CacheDataset(
+        data, transform=transform, cache_rate=1.0, num_workers=1, progress=False
+    )
+    sampler = torch.utils.data.RandomSampler(
+        dataset, replacement=True, num_samples=batch * (batches + warmup)
+    )
     start = time.perf_counter()
-    loader = monai.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                   persistent_workers=workers > 0)
+    loader = monai.data.DataLoader(
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0
+    )
     it = iter(loader)
     next(it)
     first = time.perf_counter() - start
@@ -137,15 +169,21 @@ def time_monai(arrays, crop: int, workers: int, batch: int, batches: int, warmup
     cpu = time.process_time() - cpu
     if count != batches:
         raise RuntimeError(f"MONAI loader gave {count} timed batches, expected {batches}.")
-    return {"crops_per_s": batch * batches / elapsed, "first_batch_s": first,
-            "cpu_ms_per_crop": 1000 * cpu / (batch * batches)}
+    return {
+        "crops_per_s": batch * batches / elapsed,
+        "first_batch_s": first,
+        "cpu_ms_per_crop": 1000 * cpu / (batch * batches),
+    }
 
 
 def _median_runs(samples: list[dict[str, float]]) -> dict[str, Any]:
     rates = [x["crops_per_s"] for x in samples]
-    return {"crops_per_s": float(np.median(rates)), "crops_per_s_all": rates,
-            "first_batch_s": float(np.median([x["first_batch_s"] for x in samples])),
-            "cpu_ms_per_crop": float(np.median([x["cpu_ms_per_crop"] for x in samples]))}
+    return {
+        "crops_per_s": float(np.median(rates)),
+        "crops_per_s_all": rates,
+        "first_batch_s": float(np.median([x["first_batch_s"] for x in samples])),
+        "cpu_ms_per_crop": float(np.median([x["cpu_ms_per_crop"] for x in samples])),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -170,8 +208,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         have_monai = False
 
     results: dict[str, Any] = {
-        "env": {"cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                "load_avg_start": os.getloadavg()},
+        "env": {
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "load_avg_start": os.getloadavg(),
+        },
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
     configs = [(crop, workers) for crop in args.crops for workers in args.workers]
@@ -182,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if have_monai:
         for _ in range(args.repeats):
             for crop, workers in configs:
-                samples.setdefault(("monai", crop, workers), []).append(timing(time_monai, arrays, crop, workers))
+                samples.setdefault(("monai", crop, workers), []).append(
+                    timing(time_monai, arrays, crop, workers)
+                )
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
@@ -191,10 +234,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         records = write_cache(root, arrays)
         for _ in range(args.repeats):
             for crop, workers in configs:
-                samples.setdefault(("cinjax", crop, workers), []).append(timing(time_cinjax, records, crop, workers))
+                samples.setdefault(("cinjax", crop, workers), []).append(
+                    timing(time_cinjax, records, crop, workers)
+                )
                 if workers == 0:
                     samples.setdefault(("cinjax_sync", crop, 0), []).append(
-                        timing(time_cinjax, records, crop, 0, prefetch=0))
+                        timing(time_cinjax, records, crop, 0, prefetch=0)
+                    )
     results["env"]["load_avg_end"] = os.getloadavg()
     results["runs"] = []
     for crop, workers in configs:
@@ -206,14 +252,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             run["ratio_vs_monai"] = run["cinjax"]["crops_per_s"] / run["monai"]["crops_per_s"]
         results["runs"].append(run)
     nan = float("nan")
-    print(f"{'crop':>4} {'workers':>7} {'cinjax crops/s':>14} {'no-prefetch':>11} {'MONAI crops/s':>13} {'ratio':>5}"
-          f" {'CPU ms/crop: cinjax':>19} {'no-prefetch':>11} {'MONAI':>6}")
+    print(
+        f"{'crop':>4} {'workers':>7} {'cinjax crops/s':>14} {'no-prefetch':>11} {'MONAI crops/s':>13}"
+        f" {'ratio':>5}"
+        f" {'CPU ms/crop: cinjax':>19} {'no-prefetch':>11} {'MONAI':>6}"
+    )
     for run in results["runs"]:
-        get = lambda name, key: run.get(name, {}).get(key, nan)  # noqa: E731
-        cpu = [get(n, "cpu_ms_per_crop") if run["workers"] == 0 else nan for n in ("cinjax", "cinjax_sync", "monai")]
-        print(f"{run['crop']:>4} {run['workers']:>7} {get('cinjax', 'crops_per_s'):>14.1f} "
-              f"{get('cinjax_sync', 'crops_per_s'):>11.1f} {get('monai', 'crops_per_s'):>13.1f} "
-              f"{run.get('ratio_vs_monai', nan):>5.2f} {cpu[0]:>19.1f} {cpu[1]:>11.1f} {cpu[2]:>6.1f}")
+
+        def get(name: str, key: str, run: dict = run) -> float:
+            return run.get(name, {}).get(key, nan)
+
+        cpu = [
+            get(n, "cpu_ms_per_crop") if run["workers"] == 0 else nan
+            for n in ("cinjax", "cinjax_sync", "monai")
+        ]
+        print(
+            f"{run['crop']:>4} {run['workers']:>7} {get('cinjax', 'crops_per_s'):>14.1f} "
+            f"{get('cinjax_sync', 'crops_per_s'):>11.1f} {get('monai', 'crops_per_s'):>13.1f} "
+            f"{run.get('ratio_vs_monai', nan):>5.2f} {cpu[0]:>19.1f} {cpu[1]:>11.1f} {cpu[2]:>6.1f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

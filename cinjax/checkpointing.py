@@ -52,7 +52,6 @@ from jax.experimental import multihost_utils
 
 from cinjax.metrics import json_safe
 
-
 PyTree = Any
 log = logging.getLogger(__name__)
 
@@ -268,7 +267,9 @@ class Checkpointer:
             else:
                 log.warning(
                     "Checkpoint %s/%d holds no data-iterator state; the data pipeline starts from its"
-                    " beginning.", manager.directory, step,
+                    " beginning.",
+                    manager.directory,
+                    step,
                 )
         items[META_ITEM] = ocp.args.JsonRestore()
         try:
@@ -286,7 +287,10 @@ class Checkpointer:
         if self.config_hash and saved_hash and saved_hash != self.config_hash:
             log.warning(
                 "Restoring %s/%d saved with config hash %s, current config hash is %s.",
-                manager.directory, step, saved_hash, self.config_hash,
+                manager.directory,
+                step,
+                saved_hash,
+                self.config_hash,
             )
         return restored[STATE_ITEM]
 
@@ -356,9 +360,7 @@ def _latest_step_dir(manager_dir: epath.Path) -> epath.Path | None:
     return manager_dir / str(max(steps)) if steps else None
 
 
-def resolve_params_checkpoint(
-    path: str | os.PathLike[str], prefer: str = "best"
-) -> tuple[epath.Path, bool]:
+def resolve_params_checkpoint(path: str | os.PathLike[str], prefer: str = "best") -> tuple[epath.Path, bool]:
     """Finds the orbax pytree directory that holds params under ``path``.
 
     ``path`` may be a workdir (uses ``checkpoints/<prefer>``, falling back to the other), a
@@ -421,8 +423,7 @@ def _restore_with(
     elif not isinstance(metadata, Mapping) or "params" not in metadata:
         found = sorted(metadata) if isinstance(metadata, Mapping) else type(metadata).__name__
         raise CheckpointNotFoundError(
-            f"Checkpoint {os.fspath(tree_dir)!r} holds no 'params' entry at its top level (found"
-            f" {found})."
+            f"Checkpoint {os.fspath(tree_dir)!r} holds no 'params' entry at its top level (found {found})."
         )
     target, restore_args, missing = {}, {}, {}
     for name, abstract_entry in abstract.items():

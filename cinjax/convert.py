@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from cinjax.models import build_model
 from cinjax.models.convert import load_mi_seg, parse_mi_seg_args
 
-_MODEL_CONFIG_PY = '''"""cinjax model config converted from an MI-Seg checkpoint (written by cinjax.convert)."""
+_MODEL_CONFIG_PY = '''"""cinjax model config converted from an MI-Seg checkpoint (by cinjax.convert)."""
 
 import ml_collections
 
@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert an MI-Seg .pt checkpoint to a cinjax (orbax) checkpoint. MI-Seg model "
         "flags follow after `--`.",
     )
-    p.add_argument("--checkpoint", required=True, help="MI-Seg .pt file (best.pt / last.pt / Lightning .ckpt).")
+    p.add_argument(
+        "--checkpoint", required=True, help="MI-Seg .pt file (best.pt / last.pt / Lightning .ckpt)."
+    )
     p.add_argument("--out", required=True, help="Output directory.")
     p.add_argument("--num_modalities", type=int, default=None, help="Overrides MI-Seg's --num_styles.")
     p.add_argument("--non_strict", action="store_true", help="Load what fits; report the rest.")
@@ -116,11 +118,7 @@ def model_config_of(model: nn.Module) -> ml_collections.ConfigDict:
     from cinjax.models.unet import UNet
 
     name = "unet_vanilla" if isinstance(model, UNet) else "swin_unetr"
-    fields = {
-        k: getattr(model, k)
-        for k in model.__dataclass_fields__
-        if k not in ("parent", "name")
-    }
+    fields = {k: getattr(model, k) for k in model.__dataclass_fields__ if k not in ("parent", "name")}
     return ml_collections.ConfigDict({"name": name, **fields})
 
 

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 Blend = Literal["constant", "gaussian"]
 PredictFn = Callable[[jax.Array, jax.Array], jax.Array]

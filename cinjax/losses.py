@@ -25,7 +25,7 @@ semantics); the cross-entropy term of ``dice_ce`` always uses every class, as MO
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,8 @@ def _prepare(logits: Array, labels: Array) -> tuple[Array, Array]:
         labels = labels[..., 0]
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
-                f"labels shape {labels.shape} does not match logits {logits.shape} without the class axis; "
-                "pass integer labels of shape (B, D, H, W) (or (B, D, H, W, 1))."
+            f"labels shape {labels.shape} does not match logits {logits.shape} without the class axis; "
+            "pass integer labels of shape (B, D, H, W) (or (B, D, H, W, 1))."
         )
     num_classes = logits.shape[-1]
     x = logits.astype(jnp.float32).reshape(logits.shape[0], -1, num_classes)
@@ -61,13 +61,13 @@ def _drop_background(*arrays: Array, include_background: bool) -> tuple[Array, .
 
 
 def dice_loss(
-        logits: Array,
-        labels: Array,
-        *,
-        include_background: bool = True,
-        squared_pred: bool = False,
-        smooth_nr: float = 0.0,
-        smooth_dr: float = 1e-6,
+    logits: Array,
+    labels: Array,
+    *,
+    include_background: bool = True,
+    squared_pred: bool = False,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-6,
 ) -> Array:
     """Soft Dice loss on softmax probabilities (MONAI DiceLoss, softmax + one-hot target)."""
     x, t = _prepare(logits, labels)
@@ -83,12 +83,12 @@ def dice_loss(
 
 
 def generalized_dice_loss(
-        logits: Array,
-        labels: Array,
-        *,
-        include_background: bool = True,
-        smooth_nr: float = 0.0,
-        smooth_dr: float = 1e-6,
+    logits: Array,
+    labels: Array,
+    *,
+    include_background: bool = True,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-6,
 ) -> Array:
     """MONAI 1.1.0 GeneralizedDiceLoss (softmax, square weights, per-class form; see module doc)."""
     x, t = _prepare(logits, labels)
@@ -105,11 +105,11 @@ def generalized_dice_loss(
 
 
 def sigmoid_focal_loss(
-        logits: Array,
-        labels: Array,
-        *,
-        gamma: float = 2.0,
-        include_background: bool = True,
+    logits: Array,
+    labels: Array,
+    *,
+    gamma: float = 2.0,
+    include_background: bool = True,
 ) -> Array:
     """MONAI 1.1.0 FocalLoss: per-channel sigmoid focal loss on raw logits vs the one-hot target."""
     x, t = _prepare(logits, labels)
@@ -126,83 +126,83 @@ def cross_entropy_loss(logits: Array, labels: Array) -> Array:
 
 
 def dice_focal_loss(
-        logits: Array,
-        labels: Array,
-        *,
-        include_background: bool = True,
-        squared_pred: bool = True,
-        smooth_nr: float = 0.0,
-        smooth_dr: float = 1e-6,
-        gamma: float = 2.0,
-        lambda_dice: float = 1.0,
-        lambda_focal: float = 1.0,
+    logits: Array,
+    labels: Array,
+    *,
+    include_background: bool = True,
+    squared_pred: bool = True,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-6,
+    gamma: float = 2.0,
+    lambda_dice: float = 1.0,
+    lambda_focal: float = 1.0,
 ) -> tuple[Array, dict[str, Array]]:
     """MI-Seg's default criterion (DiceFocalLoss). Returns (total, {"dice", "focal"})."""
     d = dice_loss(
-            logits,
-            labels,
-            include_background=include_background,
-            squared_pred=squared_pred,
-            smooth_nr=smooth_nr,
-            smooth_dr=smooth_dr,
+        logits,
+        labels,
+        include_background=include_background,
+        squared_pred=squared_pred,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
     )
     f = sigmoid_focal_loss(logits, labels, gamma=gamma, include_background=include_background)
     return lambda_dice * d + lambda_focal * f, {"dice": d, "focal": f}
 
 
 def generalized_dice_focal_loss(
-        logits: Array,
-        labels: Array,
-        *,
-        include_background: bool = True,
-        smooth_nr: float = 0.0,
-        smooth_dr: float = 1e-6,
-        gamma: float = 2.0,
-        lambda_gdl: float = 1.0,
-        lambda_focal: float = 1.0,
+    logits: Array,
+    labels: Array,
+    *,
+    include_background: bool = True,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-6,
+    gamma: float = 2.0,
+    lambda_gdl: float = 1.0,
+    lambda_focal: float = 1.0,
 ) -> tuple[Array, dict[str, Array]]:
     """GeneralizedDiceFocalLoss (MONAI 1.1.0 form). Returns (total, {"dice", "focal"})."""
     d = generalized_dice_loss(
-            logits, labels, include_background=include_background, smooth_nr=smooth_nr, smooth_dr=smooth_dr
+        logits, labels, include_background=include_background, smooth_nr=smooth_nr, smooth_dr=smooth_dr
     )
     f = sigmoid_focal_loss(logits, labels, gamma=gamma, include_background=include_background)
     return lambda_gdl * d + lambda_focal * f, {"dice": d, "focal": f}
 
 
 def dice_ce_loss(
-        logits: Array,
-        labels: Array,
-        *,
-        include_background: bool = True,
-        squared_pred: bool = False,
-        smooth_nr: float = 0.0,
-        smooth_dr: float = 1e-6,
-        lambda_dice: float = 1.0,
-        lambda_ce: float = 1.0,
+    logits: Array,
+    labels: Array,
+    *,
+    include_background: bool = True,
+    squared_pred: bool = False,
+    smooth_nr: float = 0.0,
+    smooth_dr: float = 1e-6,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
 ) -> tuple[Array, dict[str, Array]]:
     """DiceCELoss. The CE term always uses every class. Returns (total, {"dice", "ce"})."""
     d = dice_loss(
-            logits,
-            labels,
-            include_background=include_background,
-            squared_pred=squared_pred,
-            smooth_nr=smooth_nr,
-            smooth_dr=smooth_dr,
+        logits,
+        labels,
+        include_background=include_background,
+        squared_pred=squared_pred,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
     )
     c = cross_entropy_loss(logits, labels)
     return lambda_dice * d + lambda_ce * c, {"dice": d, "ce": c}
 
 
 _COMPOUND = {
-        "dice_focal": dice_focal_loss,
-        "generalized_dice_focal": generalized_dice_focal_loss,
-        "dice_ce": dice_ce_loss,
+    "dice_focal": dice_focal_loss,
+    "generalized_dice_focal": generalized_dice_focal_loss,
+    "dice_ce": dice_ce_loss,
 }
 _SINGLE = {
-        "dice": dice_loss,
-        "generalized_dice": generalized_dice_loss,
-        "focal": sigmoid_focal_loss,
-        "ce": cross_entropy_loss,
+    "dice": dice_loss,
+    "generalized_dice": generalized_dice_loss,
+    "focal": sigmoid_focal_loss,
+    "ce": cross_entropy_loss,
 }
 
 

@@ -136,7 +136,9 @@ def _spacing(spacing: float | Sequence[float] | None, ndim: int) -> tuple[float,
     if s.ndim == 0:
         s = np.full(ndim, float(s))
     if s.shape != (ndim,) or np.any(s <= 0):
-        raise ValueError(f"spacing must be {ndim} positive numbers (mm per voxel, array-axis order), got {spacing}.")
+        raise ValueError(
+            f"spacing must be {ndim} positive numbers (mm per voxel, array-axis order), got {spacing}."
+        )
     return tuple(float(v) for v in s)
 
 
@@ -281,7 +283,10 @@ def _aggregate(volumes: Sequence[Mapping[str, Any]], class_names: Sequence[str])
     for name in class_names:
         rows = [v["classes"][name] for v in volumes if name in v["classes"]]
         dice = [r["dice"] for r in rows]
-        entry: dict[str, Any] = {"dice": _nanmean(dice), "n_volumes": int(np.sum(~np.isnan(np.asarray(dice, float))))}
+        entry: dict[str, Any] = {
+            "dice": _nanmean(dice),
+            "n_volumes": int(np.sum(~np.isnan(np.asarray(dice, float)))),
+        }
         for k in DISTANCE_KEYS:
             vals = np.asarray([r[k] for r in rows if k in r], np.float64)
             if vals.size:

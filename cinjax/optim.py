@@ -272,7 +272,7 @@ class PlateauController:
         self.cooldown_counter = 0
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "PlateauController":
+    def from_config(cls, config: ml_collections.ConfigDict) -> PlateauController:
         s = config.optim.schedule
         return cls(
             config.optim.lr,
@@ -291,9 +291,15 @@ class PlateauController:
 
     def _is_better(self, a: float) -> bool:
         if self.mode == "min":
-            ref = self.best * (1.0 - self.threshold) if self.threshold_mode == "rel" else self.best - self.threshold
+            ref = (
+                self.best * (1.0 - self.threshold)
+                if self.threshold_mode == "rel"
+                else self.best - self.threshold
+            )
             return a < ref
-        ref = self.best * (1.0 + self.threshold) if self.threshold_mode == "rel" else self.best + self.threshold
+        ref = (
+            self.best * (1.0 + self.threshold) if self.threshold_mode == "rel" else self.best + self.threshold
+        )
         return a > ref
 
     def step(self, value: float) -> float:
@@ -316,7 +322,12 @@ class PlateauController:
         return self.multiplier
 
     def state_dict(self) -> dict[str, float]:
-        return {"lr": self.lr, "best": self.best, "num_bad": self.num_bad, "cooldown_counter": self.cooldown_counter}
+        return {
+            "lr": self.lr,
+            "best": self.best,
+            "num_bad": self.num_bad,
+            "cooldown_counter": self.cooldown_counter,
+        }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.lr, self.best = float(state["lr"]), float(state["best"])

@@ -87,9 +87,7 @@ def train_step(
         loss, parts = _loss_terms(loss_fn(logits.astype(jnp.float32), batch["label"]))
         return loss, (parts, new_model_state)
 
-    (loss, (parts, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-        state.params
-    )
+    (loss, (parts, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)

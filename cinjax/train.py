@@ -45,7 +45,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fail fast, before any data or compile work, on settings that cannot run."""
     for section in ("model", "data", "loader", "loss", "optim", "train", "eval", "predict"):
         if section not in config:
-            raise ValueError(f"config has no `{section}` section; start from configs/demo.py or configs/mmwhs.py.")
+            raise ValueError(
+                f"config has no `{section}` section; start from configs/demo.py or configs/mmwhs.py."
+            )
     if config.mode not in MODES:
         raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}.")
     if config.train.dtype not in DTYPES:
@@ -68,12 +70,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if sched.name == "reduce_on_plateau":
         want = {"loss": "min", "dice": "max"}.get(sched.plateau_metric)
         if want is None:
-            raise ValueError(f"optim.schedule.plateau_metric must be 'loss' or 'dice', got {sched.plateau_metric!r}.")
+            raise ValueError(
+                f"optim.schedule.plateau_metric must be 'loss' or 'dice', got {sched.plateau_metric!r}."
+            )
         if sched.plateau_mode != want:
-            raise ValueError(f"optim.schedule.plateau_metric={sched.plateau_metric!r} needs plateau_mode={want!r}.")
+            raise ValueError(
+                f"optim.schedule.plateau_metric={sched.plateau_metric!r} needs plateau_mode={want!r}."
+            )
         if config.mode == "train" and not config.train.eval_every:
-            raise ValueError("optim.schedule.name='reduce_on_plateau' steps on validation results: set "
-                             "train.eval_every > 0.")
+            raise ValueError(
+                "optim.schedule.name='reduce_on_plateau' steps on validation results: set "
+                "train.eval_every > 0."
+            )
     if config.mode == "train":
         if config.train.num_steps < 1:
             raise ValueError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}.")
@@ -159,8 +167,9 @@ def _spacing_of(record: cache.VolumeRecord) -> tuple[float, ...]:
     return tuple(float(s) for s in cache.read_meta(record.path)["spacing"])
 
 
-def make_predict_fn(model, params: Any, model_state: Mapping[str, Any] | None = None,
-                    mesh: Mesh | None = None):
+def make_predict_fn(
+    model, params: Any, model_state: Mapping[str, Any] | None = None, mesh: Mesh | None = None
+):
     """A jitted ``(windows, modality) -> fp32 logits`` on this process's devices.
 
     The variables are copied from (replicated) training arrays to one local device, or replicated
@@ -214,15 +223,28 @@ def evaluate(
             raise ValueError(f"{rec.key}: evaluation needs labelled volumes (split {ev.split!r}).")
         image, label = cache.read_volume(rec)
         pred = inference.predict_volume(
-            predict_fn, image[..., None], rec.modality, roi,
-            overlap=ev.overlap, windows_per_call=ev.windows_per_call, blend=ev.blend,
-            sigma_scale=ev.sigma_scale, stitch_on_host=ev.stitch_on_host,
-            num_classes=config.data.num_classes, mesh=mesh,
+            predict_fn,
+            image[..., None],
+            rec.modality,
+            roi,
+            overlap=ev.overlap,
+            windows_per_call=ev.windows_per_call,
+            blend=ev.blend,
+            sigma_scale=ev.sigma_scale,
+            stitch_on_host=ev.stitch_on_host,
+            num_classes=config.data.num_classes,
+            mesh=mesh,
         )
         name = modality_names[rec.modality]
         volume = metrics.evaluate_volume(
-            pred.labels, label, spacing=_spacing_of(rec), num_classes=config.data.num_classes,
-            class_names=tuple(class_names)[1:], key=rec.key, modality=name, distances=ev.distances,
+            pred.labels,
+            label,
+            spacing=_spacing_of(rec),
+            num_classes=config.data.num_classes,
+            class_names=tuple(class_names)[1:],
+            key=rec.key,
+            modality=name,
+            distances=ev.distances,
         )
         if loss_fn is not None:
             volume["loss"] = float(_volume_loss(loss_fn, jnp.asarray(pred.logits), jnp.asarray(label)))
@@ -283,8 +305,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.loader.mode == "single":
         name = config.loader.single_modality
         if name not in train_records:
-            raise ValueError(f"config.loader.single_modality={name!r} has no training volumes; "
-                             f"available: {sorted(train_records)}.")
+            raise ValueError(
+                f"config.loader.single_modality={name!r} has no training volumes; "
+                f"available: {sorted(train_records)}."
+            )
         train_records = {name: train_records[name]}
     loader = data_pipeline.make_train_loader(
         train_records,
@@ -294,7 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mode=config.loader.mode,
         ratios=config.loader.ratios.to_dict() if config.loader.get("ratios") else None,
         transform_cfg=data_transforms.TransformConfig.from_mapping(
-            dict(config.transforms.to_dict(), roi=tuple(config.data.roi))),
+            dict(config.transforms.to_dict(), roi=tuple(config.data.roi))
+        ),
         num_workers=config.loader.num_workers,
         prefetch=config.loader.prefetch,
     )
@@ -312,8 +337,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- Restore -----------------------------------------------------------------------------
     ckpt = checkpointing.Checkpointer(
-        workdir, max_to_keep=tc.keep_checkpoints, save_every_steps=None,
-        async_save=tc.async_checkpoint, config_hash=config_hash(config),
+        workdir,
+        max_to_keep=tc.keep_checkpoints,
+        save_every_steps=None,
+        async_save=tc.async_checkpoint,
+        config_hash=config_hash(config),
     )
     restored = ckpt.restore_latest(abstract_state, data_iter=loader)
     if restored is None:
@@ -342,20 +370,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_loss_fn = loss_fn if plateau_on_loss or config.eval.loss else None
 
     def run_eval(step: int) -> dict[str, Any]:
-        predict_fn = make_predict_fn(model, state.params, state.model_state,
-                                     local_mesh(config.eval.windows_per_call))
+        predict_fn = make_predict_fn(
+            model, state.params, state.model_state, local_mesh(config.eval.windows_per_call)
+        )
         results = evaluate(
-            predict_fn, prepared.all_records(config.eval.split)[: config.eval.max_volumes or None],
-            config=config, modality_names=modality_names, class_names=prepared.class_names,
-            panels_dir=workdir if config.eval.panels else None, step=step, loss_fn=eval_loss_fn,
+            predict_fn,
+            prepared.all_records(config.eval.split)[: config.eval.max_volumes or None],
+            config=config,
+            modality_names=modality_names,
+            class_names=prepared.class_names,
+            panels_dir=workdir if config.eval.panels else None,
+            step=step,
+            loss_fn=eval_loss_fn,
         )
         writer.write_scalars(step, _eval_scalars(results), split="eval")
         _write_results(workdir, dict(results, step=step))
         return results
 
     # --- Loop --------------------------------------------------------------------------------
-    progress = writers.ProgressBar(tc.num_steps, initial=start_step,
-                                   crops_per_step=config.loader.global_batch_size)
+    progress = writers.ProgressBar(
+        tc.num_steps, initial=start_step, crops_per_step=config.loader.global_batch_size
+    )
     pending: tuple[int, Any, float] | None = None
     results = None
     step = start_step
@@ -402,8 +437,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if pending is not None:  # log (and check finiteness of) the step being saved
                         finish_step(*pending)
                         pending = None
-                    ckpt.save(step, state, data_iter=loader,
-                              metrics={"plateau": plateau.state_dict()} if plateau is not None else None)
+                    ckpt.save(
+                        step,
+                        state,
+                        data_iter=loader,
+                        metrics={"plateau": plateau.state_dict()} if plateau is not None else None,
+                    )
                 if stop_now:
                     progress.write(f"Stop requested: saved a checkpoint at step {step}; exiting.")
                     return {"stopped_at": step}
@@ -415,8 +454,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if tc.final_eval:
             results = run_eval(step)
             ckpt.save_best(step, _inference_state(state), results["mean_dice"])
-            logging.info("Final validation mean Dice %.4f: %s", results["mean_dice"],
-                         {m: round(r["mean_dice"], 4) for m, r in results["modalities"].items()})
+            logging.info(
+                "Final validation mean Dice %.4f: %s",
+                results["mean_dice"],
+                {m: round(r["mean_dice"], 4) for m, r in results["modalities"].items()},
+            )
         if config.predict.after_train:
             predict(config, workdir, model=model, params=state.params, model_state=state.model_state)
     finally:
@@ -434,11 +476,15 @@ def _converted_model_config(config: ml_collections.ConfigDict, path: str) -> ml_
     with open(os.path.join(path, "config.json")) as f:
         model = json.load(f)
     if model.get("out_channels") != config.data.num_classes:
-        raise ValueError(f"{path}: the converted model predicts {model.get('out_channels')} classes but "
-                         f"config.data.num_classes={config.data.num_classes}.")
+        raise ValueError(
+            f"{path}: the converted model predicts {model.get('out_channels')} classes but "
+            f"config.data.num_classes={config.data.num_classes}."
+        )
     if model.get("num_modalities", 2) != len(config.data.modalities):
-        raise ValueError(f"{path}: the converted model has {model.get('num_modalities')} modalities but "
-                         f"config.data.modalities={dict(config.data.modalities)}.")
+        raise ValueError(
+            f"{path}: the converted model has {model.get('num_modalities')} modalities but "
+            f"config.data.modalities={dict(config.data.modalities)}."
+        )
     logging.info("Using the model config of the converted checkpoint %s: %s", path, model)
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = model
@@ -463,8 +509,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     prepared = prepare_data(config, (config.eval.split,))
     model, params, model_state = _restore_for_inference(config, workdir, config.eval.checkpoint)
     results = evaluate(
-        make_predict_fn(model, params, model_state, local_mesh(config.eval.windows_per_call)), prepared.all_records(config.eval.split)[: config.eval.max_volumes or None],
-        config=config, modality_names=prepared.modality_names, class_names=prepared.class_names,
+        make_predict_fn(model, params, model_state, local_mesh(config.eval.windows_per_call)),
+        prepared.all_records(config.eval.split)[: config.eval.max_volumes or None],
+        config=config,
+        modality_names=prepared.modality_names,
+        class_names=prepared.class_names,
         panels_dir=workdir if config.eval.panels else None,
     )
     _write_results(workdir, results)
@@ -483,13 +532,23 @@ def _folder_datalist(config: ml_collections.ConfigDict, workdir: str) -> ml_coll
     if not names:
         raise FileNotFoundError(f"No .nii/.nii.gz files in config.predict.input_dir={folder!r}.")
     if pc.modality not in config.data.modalities:
-        raise ValueError(f"config.predict.modality={pc.modality!r} is not one of the configured modalities "
-                         f"{sorted(config.data.modalities)}.")
+        raise ValueError(
+            f"config.predict.modality={pc.modality!r} is not one of the configured modalities "
+            f"{sorted(config.data.modalities)}."
+        )
     path = os.path.join(workdir, "predict_datalist.json")
     if jax.process_index() == 0:
         with open(path, "w") as f:
-            json.dump({"modality": pc.modality, "training": [], "validation": [],
-                       "test": [{"image": os.path.join(folder, n)} for n in names]}, f, indent=1)
+            json.dump(
+                {
+                    "modality": pc.modality,
+                    "training": [],
+                    "validation": [],
+                    "test": [{"image": os.path.join(folder, n)} for n in names],
+                },
+                f,
+                indent=1,
+            )
     distributed.sync("predict_datalist")
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.layout, data.root, data.json_lists, data.data_dirs = "json", "/", (path,), ()
@@ -542,10 +601,17 @@ def predict(
         meta = cache.read_meta(rec.path)
         image, _ = cache.read_volume(rec)
         pred = inference.predict_volume(
-            predict_fn, image[..., None], rec.modality, tuple(config.data.roi),
-            overlap=ev.overlap, windows_per_call=ev.windows_per_call, blend=ev.blend,
-            sigma_scale=ev.sigma_scale, stitch_on_host=ev.stitch_on_host,
-            num_classes=config.data.num_classes, mesh=mesh,
+            predict_fn,
+            image[..., None],
+            rec.modality,
+            tuple(config.data.roi),
+            overlap=ev.overlap,
+            windows_per_call=ev.windows_per_call,
+            blend=ev.blend,
+            sigma_scale=ev.sigma_scale,
+            stitch_on_host=ev.stitch_on_host,
+            num_classes=config.data.num_classes,
+            mesh=mesh,
         )
         labels = preprocess.invert_to_original(pred.labels, meta)
         path = os.path.join(out_dir, _output_name(meta["source"]["image"]))

@@ -247,8 +247,13 @@ class ProgressBar:
         self.tty = bool(getattr(self._file, "isatty", lambda: False)())
         if self.is_main and self.tty:
             self._bar = tqdm(
-                total=self.total, initial=self.step, file=self._file, desc=desc, unit="step",
-                dynamic_ncols=True, smoothing=0.1,
+                total=self.total,
+                initial=self.step,
+                file=self._file,
+                desc=desc,
+                unit="step",
+                dynamic_ncols=True,
+                smoothing=0.1,
             )
 
     @staticmethod
@@ -427,9 +432,7 @@ def render_panel(
         base = np.repeat(g[..., None], 3, axis=-1).astype(np.float32)
         rows = [base]
         for overlay in (lab, prd):
-            blended = np.where(
-                (overlay > 0)[..., None], (1 - alpha) * base + alpha * palette[overlay], base
-            )
+            blended = np.where((overlay > 0)[..., None], (1 - alpha) * base + alpha * palette[overlay], base)
             rows.append(blended)
         for row, rgb in enumerate(rows):
             rgb = np.repeat(np.repeat(rgb.round().astype(np.uint8), scale, 0), scale, 1)
@@ -461,9 +464,7 @@ def save_panel_png(
     scale: int = 2,
 ) -> str:
     """Renders ``render_panel`` to a PNG at ``path`` (parent dirs created); returns the path."""
-    panel = render_panel(
-        image, label, pred, title=title, num_classes=num_classes, alpha=alpha, scale=scale
-    )
+    panel = render_panel(image, label, pred, title=title, num_classes=num_classes, alpha=alpha, scale=scale)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     buffer = io.BytesIO()
@@ -503,8 +504,13 @@ def save_modality_panels(
         path = os.path.join(out_dir, f"step_{int(step):06d}_{safe_name}.png")
         paths.append(
             save_panel_png(
-                path, image, label, pred, title=f"{modality} step {int(step)}",
-                num_classes=num_classes, scale=scale,
+                path,
+                image,
+                label,
+                pred,
+                title=f"{modality} step {int(step)}",
+                num_classes=num_classes,
+                scale=scale,
             )
         )
     return paths

@@ -16,8 +16,14 @@ def get_config():
     c = base_config()
     c.seed = 0
     c.model = dict(
-        name="unet_vanilla", out_channels=8, channels=(8, 16, 32, 64), strides=(1, 2, 2, 2),
-        num_res_units=1, encoder_norm="instance_cond", decoder_norm="instance", conv_impl="auto",
+        name="unet_vanilla",
+        out_channels=8,
+        channels=(8, 16, 32, 64),
+        strides=(1, 2, 2, 2),
+        num_res_units=1,
+        encoder_norm="instance_cond",
+        decoder_norm="instance",
+        conv_impl="auto",
     )
     d = c.data
     d.root = os.path.expanduser("~/.cache/cinjax/phantom")

@@ -28,7 +28,8 @@ from cinjax.config import base_config
 
 def _presets():
     spec = importlib.util.spec_from_file_location(
-        "cinjax_model_presets", os.path.join(os.path.dirname(os.path.abspath(__file__)), "models.py"))
+        "cinjax_model_presets", os.path.join(os.path.dirname(os.path.abspath(__file__)), "models.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -54,11 +54,11 @@ def unet(out_channels: int = NUM_CLASSES) -> ml_collections.ConfigDict:
     return _unet("instance", out_channels)
 
 
-def _swin(feature_size: int, num_heads: int, conditional: bool, out_channels: int) -> ml_collections.ConfigDict:
+def _swin(
+    feature_size: int, num_heads: int, conditional: bool, out_channels: int
+) -> ml_collections.ConfigDict:
     if feature_size % 12 or feature_size % num_heads:
-        raise ValueError(
-            f"feature_size={feature_size} must be divisible by 12 and by num_heads={num_heads}."
-        )
+        raise ValueError(f"feature_size={feature_size} must be divisible by 12 and by num_heads={num_heads}.")
     return ml_collections.ConfigDict(
         {
             "name": "swin_unetr",

@@ -37,10 +37,16 @@ def _pair(d, name="v", image=None, label=None, label_affine=AFFINE):
 
 
 def _task(ip, lp, split="training"):
-    return preprocess.Task(entry=Entry(ip, lp, 0, split, "test"), modality_name="CT",
-                           needs_foreground=split == "training", codes=CODES, affine_atol=1e-3,
-                           spacing=(1.0, 1.0, 1.0), roi=(16, 16, 16),
-                           intensity={"mode": "minmax", "window": [0, 1], "percentiles": [1, 99]})
+    return preprocess.Task(
+        entry=Entry(ip, lp, 0, split, "test"),
+        modality_name="CT",
+        needs_foreground=split == "training",
+        codes=CODES,
+        affine_atol=1e-3,
+        spacing=(1.0, 1.0, 1.0),
+        roi=(16, 16, 16),
+        intensity={"mode": "minmax", "window": [0, 1], "percentiles": [1, 99]},
+    )
 
 
 def _problems(ip, lp, split="training"):
@@ -165,8 +171,9 @@ def test_bad_volume_raises_before_training_and_leaves_no_cache_entry(tmp_path):
     bad = np.ones(SHAPE, np.float32)
     bad[1, 2, 3] = np.nan
     _pair(tmp_path, "bad", image=bad)
-    cfg = _dataset(tmp_path, [{"image": f"{n}_image.nii.gz", "label": f"{n}_label.nii.gz"}
-                              for n in ("good", "bad")])
+    cfg = _dataset(
+        tmp_path, [{"image": f"{n}_image.nii.gz", "label": f"{n}_label.nii.gz"} for n in ("good", "bad")]
+    )
     with pytest.raises(DataError, match=r"(?s)1 bad volume.*bad_image\.nii\.gz: image has 1 NaN/inf") as err:
         preprocess.prepare(cfg, progress=False)
     assert "good_image" not in str(err.value)
@@ -176,7 +183,8 @@ def test_bad_volume_raises_before_training_and_leaves_no_cache_entry(tmp_path):
 
 def _write_config(tmp_path, cfg):
     path = tmp_path / "cfg.py"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         import ml_collections
         from cinjax.data.config import default_data_config
 
@@ -185,15 +193,23 @@ def _write_config(tmp_path, cfg):
             c.data = default_data_config()
             c.data.update({cfg.to_dict()!r})
             return c
-    """))
+    """)
+    )
     return str(path)
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "cinjax.data", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "cinjax.data", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_verify_cli_lists_every_problem(tmp_path):
@@ -202,8 +218,10 @@ def test_verify_cli_lists_every_problem(tmp_path):
     nan_image[0, 0, 0] = np.nan
     _pair(tmp_path, "nan", image=nan_image)
     _pair(tmp_path, "empty", label=np.zeros(SHAPE, np.uint8))
-    entries = [{"image": f"{n}_image.nii.gz", "label": f"{n}_label.nii.gz"}
-               for n in ("good", "nan", "empty", "missing")]
+    entries = [
+        {"image": f"{n}_image.nii.gz", "label": f"{n}_label.nii.gz"}
+        for n in ("good", "nan", "empty", "missing")
+    ]
     entries.append({"image": "good_image.nii.gz", "label": "good_label.nii.gz", "modality": "PET"})
     cfg = _dataset(tmp_path, entries)
     proc = _cli("verify", "--config", _write_config(tmp_path, cfg))

@@ -19,11 +19,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cinjax.checkpointing import (
-    CheckpointNotFoundError,
     Checkpointer,
+    CheckpointNotFoundError,
     PreemptionFlag,
     WorkdirError,
     check_workdir_writable,
@@ -39,22 +40,29 @@ def _make_state(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     params = {
         "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 2, 4)), jnp.float32)},
-        "head": {"kernel": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32),
-                 "bias": jnp.zeros((3,), jnp.float32)},
+        "head": {
+            "kernel": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32),
+            "bias": jnp.zeros((3,), jnp.float32),
+        },
     }
     tx = optax.adamw(1e-3, weight_decay=1e-2)
     opt_state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     _, opt_state = tx.update(grads, opt_state, params)  # non-trivial mu / nu / count
-    return {"params": params, "opt_state": opt_state, "step": jnp.asarray(7, jnp.int32),
-            "rng": jax.random.key(seed)}
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.asarray(7, jnp.int32),
+        "rng": jax.random.key(seed),
+    }
 
 
 def _abstract(tree, sharding_fn=None):
     sharding_fn = sharding_fn or (lambda path, x: jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     shapes = jax.eval_shape(lambda: tree)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_fn(path, x)), shapes)
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_fn(path, x)), shapes
+    )
 
 
 def _assert_tree_equal(a, b):
@@ -62,6 +70,7 @@ def _assert_tree_equal(a, b):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return np.asarray(jax.random.key_data(x))
         return np.asarray(x)
+
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype
@@ -89,16 +98,18 @@ def test_roundtrip_adamw_state_step_rng(tmp_path, state):
     assert isinstance(restored["opt_state"][0], optax.ScaleByAdamState)
     assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
     # The restored key continues the same random stream.
-    np.testing.assert_array_equal(jax.random.normal(restored["rng"], (4,)),
-                                  jax.random.normal(state["rng"], (4,)))
+    np.testing.assert_array_equal(
+        jax.random.normal(restored["rng"], (4,)), jax.random.normal(state["rng"], (4,))
+    )
     assert meta["config_hash"] == "abc" and meta["step"] == 7
     assert meta["metrics"] == {"loss": 0.5, "bad": None}
 
 
 def test_async_save_survives_donating_the_state(tmp_path, state):
     """The trainer donates the state to the next step right after ``save`` returns."""
-    overwrite = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 + 7 if x.dtype == jnp.float32 else x, s),
-                        donate_argnums=0)
+    overwrite = jax.jit(
+        lambda s: jax.tree.map(lambda x: x * 0 + 7 if x.dtype == jnp.float32 else x, s), donate_argnums=0
+    )
     live = jax.tree.map(jnp.copy, state)
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, live)
@@ -272,17 +283,26 @@ _CRASH_CHILD = textwrap.dedent(
 
 
 def test_sigkill_mid_save_keeps_newest_complete_checkpoint(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _CRASH_CHILD, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH_CHILD, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     latest_dir = tmp_path / "checkpoints" / "latest"
     leftovers = [n for n in os.listdir(latest_dir) if n.startswith("2.orbax-checkpoint-tmp")]
     assert leftovers, os.listdir(latest_dir)  # the kill really happened mid-save
 
-    abstract = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32,
-                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    abstract = {
+        "w": jax.ShapeDtypeStruct(
+            (64, 64), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+    }
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         assert ckpt.latest_step() == 1
         step, restored = ckpt.restore_latest(abstract)
@@ -358,11 +378,19 @@ def test_two_processes_agree_on_stop_step(tmp_path, mode):
     reach its sync point together.
     """
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", _MULTI_PROCESS_CHILD, str(i), str(port),
-                               str(tmp_path), mode], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    env = dict(
+        os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MULTI_PROCESS_CHILD, str(i), str(port), str(tmp_path), mode],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = []
     for proc in procs:
         out, _ = proc.communicate(timeout=180)
@@ -374,7 +402,10 @@ def test_two_processes_agree_on_stop_step(tmp_path, mode):
     assert stop >= 4 and all(r["restored"] == stop and r["next_ok"] for r in results)
     assert [r["w"] for r in results] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
     assert sorted(os.listdir(tmp_path / "checkpoints" / "latest" / str(stop) / "data_iter")) == [
-        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+        "commit_success.txt",
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
 
 def test_workdir_preflight(tmp_path):

@@ -1,8 +1,7 @@
 """Every shipped config builds, validates and gives the paper's model sizes."""
 
-import os
-
 import importlib.util
+import os
 
 import jax
 import numpy as np
@@ -15,7 +14,9 @@ PARAMS = {"c_unet": 62_562_904, "c_swin_unetr_fs36": 35_162_156}
 
 
 def load(path: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{os.path.basename(path)[:-3]}", os.path.join(REPO, path))
+    spec = importlib.util.spec_from_file_location(
+        f"cfg_{os.path.basename(path)[:-3]}", os.path.join(REPO, path)
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg) if arg is not None else module.get_config()
@@ -34,8 +35,10 @@ def test_demo_config_validates():
     assert c.data.phantom.generate and c.predict.after_train
 
 
-@pytest.mark.parametrize("arg", ["c_unet", "unet,joint", "c_swin_unetr_fs36,bf16", "c_swin_unetr_fs48,ct",
-                                 "swin_unetr_fs36,mr,remat"])
+@pytest.mark.parametrize(
+    "arg",
+    ["c_unet", "unet,joint", "c_swin_unetr_fs36,bf16", "c_swin_unetr_fs48,ct", "swin_unetr_fs36,mr,remat"],
+)
 def test_mmwhs_variants_validate(arg):
     c = load("configs/mmwhs.py", arg)
     train.validate_config(c)

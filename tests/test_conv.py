@@ -61,7 +61,9 @@ def test_conv3d_module_matches_torch(kernel, stride, padding, impl):
     w = rng.standard_normal((4, 3, kernel, kernel, kernel)).astype(np.float32)  # (out, in, kd, kh, kw)
     b = rng.standard_normal(4).astype(np.float32)
     pad = (kernel - 1) // 2 if padding is None else 0
-    ref = torch.nn.functional.conv3d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride, pad)
+    ref = torch.nn.functional.conv3d(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride, pad
+    )
     layer = Conv3d(4, kernel_size=kernel, strides=stride, padding=padding, conv_impl=impl)
     variables = {"params": {"kernel": conv_kernel(w), "bias": b}}
     out = jax.jit(layer.apply)(variables, np.moveaxis(x, 1, -1))
@@ -75,7 +77,10 @@ def test_conv3d_module_param_shapes_and_dtype():
     assert params["kernel"].shape == (3, 3, 3, 2, 6) and params["kernel"].dtype == jnp.float32
     assert params["bias"].shape == (6,)
     bound = 1.0 / np.sqrt(3 * 3 * 3 * 2)  # PyTorch's default init range (fan_in = 54)
-    assert np.abs(np.asarray(params["kernel"])).max() <= bound and np.abs(np.asarray(params["bias"])).max() <= bound
+    assert (
+        np.abs(np.asarray(params["kernel"])).max() <= bound
+        and np.abs(np.asarray(params["bias"])).max() <= bound
+    )
     y = jax.jit(layer.apply)({"params": params}, x)
     assert y.shape == (1, 2, 2, 2, 6) and y.dtype == jnp.bfloat16
 

@@ -22,8 +22,18 @@ from cinjax.models.convert import (
 KEYS_FILE = os.path.join(os.path.dirname(__file__), "data", "mi-seg-state-dict-keys.txt")
 
 TINY_ARGS = [
-    "--model_name=unet_vanilla", "--encoder_norm_name=instance_cond", "--feature_size", "4", "8", "16",
-    "--strides", "1", "2", "1", "--num_res_units=1", "--out_channels=3",
+    "--model_name=unet_vanilla",
+    "--encoder_norm_name=instance_cond",
+    "--feature_size",
+    "4",
+    "8",
+    "16",
+    "--strides",
+    "1",
+    "2",
+    "1",
+    "--num_res_units=1",
+    "--out_channels=3",
 ]
 
 
@@ -113,8 +123,12 @@ def test_corrupted_key_set_is_reported(unet_best):
     assert report.unexpected == ["down_path.9.0.conv.unit0.conv.weight"]
     assert [m[0] for m in report.mismatched] == ["up_path.1.1.residual.weight"]
     text = str(err.value)
-    for key in ("down_path.1.2.conv.unit0.conv.bias", "down_path.9.0.conv.unit0.conv.weight",
-                "up_path.1.1.residual.weight", "strict=False"):
+    for key in (
+        "down_path.1.2.conv.unit0.conv.bias",
+        "down_path.9.0.conv.unit0.conv.weight",
+        "up_path.1.1.residual.weight",
+        "strict=False",
+    ):
         assert key in text
 
 
@@ -180,11 +194,26 @@ def test_mi_seg_flag_parsing():
     a = parse_mi_seg_args(["--model=swin_unetr", "--feature_size=36", "--lr", "1e-3", "--checkpoint", "x.pt"])
     assert a["model_name"] == "swin_unetr" and a["feature_size"] == [36] and a["in_channels"] == 1
     assert a["num_styles"] == 2 and a["out_channels"] == 14 and a["depth_swin_block"] == [2]
-    cfg = mi_seg_args_to_config({"model_name": "unet_vanilla", "feature_size": [4, 8], "strides": [1, 2],
-                                 "decoder_norm_no_affine": True, "encoder_norm_name": "instance_cond"})
+    cfg = mi_seg_args_to_config(
+        {
+            "model_name": "unet_vanilla",
+            "feature_size": [4, 8],
+            "strides": [1, 2],
+            "decoder_norm_no_affine": True,
+            "encoder_norm_name": "instance_cond",
+        }
+    )
     assert cfg.channels == (4, 8) and cfg.norm_affine is False and cfg.encoder_norm == "instance_cond"
-    swin = mi_seg_args_to_config({"model_name": "swin_unetr", "feature_size": 24, "num_heads": 2,
-                                  "depth_swin_block": [2, 2, 4, 2], "use_checkpoint": True, "lr": 1e-4})
+    swin = mi_seg_args_to_config(
+        {
+            "model_name": "swin_unetr",
+            "feature_size": 24,
+            "num_heads": 2,
+            "depth_swin_block": [2, 2, 4, 2],
+            "use_checkpoint": True,
+            "lr": 1e-4,
+        }
+    )
     assert (swin.feature_size, swin.num_heads, swin.depths, swin.remat) == (24, 2, (2, 2, 4, 2), True)
     assert swin.vit_norm == "layer" and swin.img_size == (96, 96, 96)
     with pytest.raises(ValueError, match="not supported"):
@@ -244,8 +273,11 @@ def _model_presets():
 
 @pytest.mark.parametrize(
     "preset, section",
-    [("c_unet", "unet_vanilla_readme_best"), ("c_swin_unetr_fs36", "swin_unetr_readme_fs36_h4"),
-     ("c_swin_unetr_fs48", "swin_unetr_readme_fs48_h3")],
+    [
+        ("c_unet", "unet_vanilla_readme_best"),
+        ("c_swin_unetr_fs36", "swin_unetr_readme_fs36_h4"),
+        ("c_swin_unetr_fs48", "swin_unetr_readme_fs48_h3"),
+    ],
 )
 def test_model_presets_equal_readme_commands(preset, section):
     argv, _ = keys_section(section)
@@ -275,8 +307,13 @@ def test_load_monai_swin_unetr_strict():
     sd = {k: v.numpy() for k, v in net.state_dict().items()}
     # MONAI >= 1.5's "merging" uses all 8 sub-grids: it loads into cinjax's mergingv2 with re-ordering.
     model, params, report = load_monai_swin_unetr(
-        {"state_dict": sd}, out_channels=2, feature_size=12, num_heads=3, downsample="mergingv2",
-        source_merging="merging_fixed", return_report=True,
+        {"state_dict": sd},
+        out_channels=2,
+        feature_size=12,
+        num_heads=3,
+        downsample="mergingv2",
+        source_merging="merging_fixed",
+        return_report=True,
     )
     assert report.ok, str(report)
     assert (model.vit_norm, model.encoder_norm, model.norm_affine) == ("layer", "instance", False)
@@ -284,8 +321,14 @@ def test_load_monai_swin_unetr_strict():
     assert sum(np.size(p) for p in jax.tree.leaves(params)) == n_torch
     np.testing.assert_array_equal(params["out"]["conv"]["bias"], sd["out.conv.conv.bias"])
     with pytest.raises(CheckpointMismatchError):
-        load_monai_swin_unetr(sd, out_channels=3, feature_size=12, num_heads=3, downsample="mergingv2",
-                              source_merging="merging_fixed")
+        load_monai_swin_unetr(
+            sd,
+            out_channels=3,
+            feature_size=12,
+            num_heads=3,
+            downsample="mergingv2",
+            source_merging="merging_fixed",
+        )
 
 
 def test_pickled_objects_need_explicit_trust(tiny, tmp_path):

@@ -14,6 +14,7 @@ MODS = {"CT": 0, "MR": 1}
 
 def _mi_seg_json(path, modality, train_ids, val_ids, test_ids, label="label_corrected", prefix="ct"):
     """A datalist with CT_fold1.json's schema (stale num* fields included, as in MI-Seg)."""
+
     def item(i, with_label=True):
         d = {"image": f"{prefix}_train/{prefix}_train_{i}_image.nii.gz"}
         if with_label:
@@ -21,9 +22,17 @@ def _mi_seg_json(path, modality, train_ids, val_ids, test_ids, label="label_corr
         return d
 
     doc = {
-        "description": "MM-WHS", "labels": {"0": "background"}, "licence": "x", "modality": modality,
-        "name": "MM-WHS", "numTest": 4, "numTraining": 16, "numValidation": 4, "reference": "x",
-        "release": "x", "tensorImageSize": "3D",
+        "description": "MM-WHS",
+        "labels": {"0": "background"},
+        "licence": "x",
+        "modality": modality,
+        "name": "MM-WHS",
+        "numTest": 4,
+        "numTraining": 16,
+        "numValidation": 4,
+        "reference": "x",
+        "release": "x",
+        "tensorImageSize": "3D",
         "training": [item(i) for i in train_ids],
         "validation": [item(i) for i in val_ids],
         "test": [item(i, False) for i in test_ids],
@@ -59,12 +68,15 @@ def test_empty_and_missing_splits_do_not_crash(tmp_path):
 
 
 def test_per_entry_modality_by_id_and_name_overrides_file(tmp_path):
-    doc = {"modality": 0, "training": [
-        {"image": "a.nii.gz", "label": "al.nii.gz"},
-        {"image": "b.nii.gz", "label": "bl.nii.gz", "modality": 1},
-        {"image": "c.nii.gz", "label": "cl.nii.gz", "modality": "mr"},
-        {"image": "d.nii.gz", "label": "dl.nii.gz", "modality": "PET"},
-    ]}
+    doc = {
+        "modality": 0,
+        "training": [
+            {"image": "a.nii.gz", "label": "al.nii.gz"},
+            {"image": "b.nii.gz", "label": "bl.nii.gz", "modality": 1},
+            {"image": "c.nii.gz", "label": "cl.nii.gz", "modality": "mr"},
+            {"image": "d.nii.gz", "label": "dl.nii.gz", "modality": "PET"},
+        ],
+    }
     with open(tmp_path / "mixed.json", "w") as f:
         json.dump(doc, f)
     mods = {"CT": 0, "MR": 1, "PET": 2}
@@ -93,9 +105,13 @@ def test_missing_modality_and_missing_training_label_are_errors(tmp_path):
 
 
 def test_decathlon_dataset_json(tmp_path):
-    doc = {"name": "Task09_Spleen", "modality": {"0": "CT"}, "numTraining": 1,
-           "training": [{"image": "./imagesTr/spleen_2.nii.gz", "label": "./labelsTr/spleen_2.nii.gz"}],
-           "test": ["./imagesTs/spleen_1.nii.gz"]}
+    doc = {
+        "name": "Task09_Spleen",
+        "modality": {"0": "CT"},
+        "numTraining": 1,
+        "training": [{"image": "./imagesTr/spleen_2.nii.gz", "label": "./labelsTr/spleen_2.nii.gz"}],
+        "test": ["./imagesTs/spleen_1.nii.gz"],
+    }
     with open(tmp_path / "dataset.json", "w") as f:
         json.dump(doc, f)
     out = datalist.read_datalist(str(tmp_path / "dataset.json"), None, MODS)
@@ -111,8 +127,17 @@ def test_decathlon_dataset_json(tmp_path):
 
 def test_problems_are_collected_not_raised(tmp_path):
     with open(tmp_path / "bad.json", "w") as f:
-        json.dump({"modality": 0, "training": [{"image": "a.nii.gz"}, {"label": "x.nii.gz"},
-                                                {"image": "ok.nii.gz", "label": "okl.nii.gz"}]}, f)
+        json.dump(
+            {
+                "modality": 0,
+                "training": [
+                    {"image": "a.nii.gz"},
+                    {"label": "x.nii.gz"},
+                    {"image": "ok.nii.gz", "label": "okl.nii.gz"},
+                ],
+            },
+            f,
+        )
     problems = []
     out = datalist.read_datalist(str(tmp_path / "bad.json"), None, MODS, problems)
     assert len(problems) == 2 and len(out["training"]) == 1
@@ -124,8 +149,16 @@ def test_problems_are_collected_not_raised(tmp_path):
 
 
 def test_label_code_maps():
-    assert datalist.label_code_map("mmwhs", 8) == {0: 0, 500: 1, 600: 2, 420: 3, 550: 4, 205: 5,
-                                                   820: 6, 850: 7}
+    assert datalist.label_code_map("mmwhs", 8) == {
+        0: 0,
+        500: 1,
+        600: 2,
+        420: 3,
+        550: 4,
+        205: 5,
+        820: 6,
+        850: 7,
+    }
     assert datalist.label_code_map("identity", 3) == {0: 0, 1: 1, 2: 2}
     assert datalist.label_code_map({"7": 1, 9: 2}, 3) == {0: 0, 7: 1, 9: 2}
     with pytest.raises(DataError, match="outside classes 0..2"):
@@ -160,10 +193,15 @@ def test_mmwhs_folder_layout(tmp_path):
     ct_train = [e for e in out["training"] if e.modality == 0]
     assert [e.name for e in ct_train] == ["ct_train_1001_image", "ct_train_1003_image"]
     assert ct_train[0].label == f"{root}/ct_train/ct_train_1001_label.nii.gz"
-    assert [e.name for e in out["validation"]] == ["ct_train_1002_image", "mr_train_1001_image",
-                                                   "mr_train_1003_image"]
-    assert [(e.name, e.label, e.modality) for e in out["test"]] == [("ct_test_2001_image", None, 0),
-                                                                     ("mr_test_2001_image", None, 1)]
+    assert [e.name for e in out["validation"]] == [
+        "ct_train_1002_image",
+        "mr_train_1001_image",
+        "mr_train_1003_image",
+    ]
+    assert [(e.name, e.label, e.modality) for e in out["test"]] == [
+        ("ct_test_2001_image", None, 0),
+        ("mr_test_2001_image", None, 1),
+    ]
     os.remove(f"{root}/mr_train/mr_train_1002_label.nii.gz")
     with pytest.raises(DataError, match=r"mr_train_1002_label\.nii\.gz: label file .* does not exist"):
         datalist.discover_mmwhs(root, MODS, {})
@@ -181,8 +219,9 @@ def test_collect_entries_from_config(tmp_path):
     out = datalist.load_entries(cfg)
     assert [e.modality for e in out["training"]] == [0, 0, 1]
     assert [e.modality for e in out["validation"]] == [0, 1, 1]
-    assert out["training"][2].image == os.path.join(str(tmp_path), "MM-WHS", "mr_train",
-                                                    "mr_train_1001_image.nii.gz")
+    assert out["training"][2].image == os.path.join(
+        str(tmp_path), "MM-WHS", "mr_train", "mr_train_1001_image.nii.gz"
+    )
     cfg.data_dirs = ("MM-WHS",)
     with pytest.raises(DataError, match="one data dir per datalist"):
         datalist.load_entries(cfg)

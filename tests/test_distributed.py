@@ -17,9 +17,18 @@ from jax.sharding import PartitionSpec as P
 from cinjax import distributed
 
 WORKER = os.path.join(os.path.dirname(__file__), "_multiprocess_worker.py")
-LAUNCHER_VARS = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_MCA_orte_hnp_uri",
-                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
-                 "TPU_ACCELERATOR_TYPE", "JAX_COORDINATOR_ADDRESS")
+LAUNCHER_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_NPROCS",
+    "OMPI_MCA_orte_hnp_uri",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_PROCESS_ADDRESSES",
+    "TPU_ACCELERATOR_TYPE",
+    "JAX_COORDINATOR_ADDRESS",
+)
 
 
 @pytest.fixture

@@ -79,8 +79,9 @@ def test_map_label_codes():
         out = io.map_label_codes(lab.astype(dtype), {500: 1, 420: 3, 205: 5, 850: 7}, "x")
         np.testing.assert_array_equal(out, [[[0, 1, 5], [7, 0, 3]]])
     # Negative codes and a value range too wide for a lookup table.
-    np.testing.assert_array_equal(io.map_label_codes(np.array([[[-1, 0, 3]]], np.int16), {-1: 2, 3: 1}, "x"),
-                                  [[[2, 0, 1]]])
+    np.testing.assert_array_equal(
+        io.map_label_codes(np.array([[[-1, 0, 3]]], np.int16), {-1: 2, 3: 1}, "x"), [[[2, 0, 1]]]
+    )
     np.testing.assert_array_equal(io.map_label_codes(np.array([[[0, 2**30]]]), {2**30: 1}, "x"), [[[0, 1]]])
 
 

@@ -103,10 +103,14 @@ def test_parts_match_monai110(golden, key, name, part):
 def test_numpy_reference_reproduces_golden(golden):
     """The float64 reference below is itself checked against MONAI 1.1.0 before being trusted."""
     d, logits, labels = golden
-    np.testing.assert_allclose(np_dice(logits, labels, squared=True), d["dice_focal_tune__dice_part"], rtol=1e-5)
+    np.testing.assert_allclose(
+        np_dice(logits, labels, squared=True), d["dice_focal_tune__dice_part"], rtol=1e-5
+    )
     np.testing.assert_allclose(np_focal(logits, labels), d["dice_focal_tune__focal_part"], rtol=1e-5)
     np.testing.assert_allclose(np_gdl(logits, labels), d["generalized_dice_focal_tune__gdl_part"], rtol=1e-5)
-    np.testing.assert_allclose(np_dice(logits, labels) + np_ce(logits, labels), d["dice_ce_lightning"], rtol=1e-5)
+    np.testing.assert_allclose(
+        np_dice(logits, labels) + np_ce(logits, labels), d["dice_ce_lightning"], rtol=1e-5
+    )
     np.testing.assert_allclose(
         np_dice(logits, labels, False, squared=True) + np_focal(logits, labels, False),
         d["dice_focal_lightning_no_bg"],
@@ -126,7 +130,9 @@ def test_variants_vs_numpy(golden, include_background, smooth):
     kw = dict(include_background=include_background, smooth_nr=nr, smooth_dr=dr)
     for squared in (True, False):
         got = losses.dice_loss(x, y, squared_pred=squared, **kw)
-        np.testing.assert_allclose(float(got), np_dice(logits, labels, include_background, squared, nr, dr), rtol=1e-5)
+        np.testing.assert_allclose(
+            float(got), np_dice(logits, labels, include_background, squared, nr, dr), rtol=1e-5
+        )
     np.testing.assert_allclose(
         float(losses.get_loss("generalized_dice_focal", **kw)(x, y)),
         np_gdl(logits, labels, include_background, nr, dr) + np_focal(logits, labels, include_background),
@@ -166,7 +172,9 @@ def test_absent_classes_give_finite_gradients_and_constant_dice():
     # All-background volume with background excluded: every Dice term is the constant 1.
     empty = jnp.zeros((1, 4, 4, 4), jnp.int32)
     assert float(losses.dice_loss(logits[:1], empty, include_background=False)) == pytest.approx(1.0)
-    assert float(losses.generalized_dice_loss(logits[:1], empty, include_background=False)) == pytest.approx(1.0)
+    assert float(losses.generalized_dice_loss(logits[:1], empty, include_background=False)) == pytest.approx(
+        1.0
+    )
 
 
 def test_bf16_logits_give_float32_loss(golden):
@@ -197,6 +205,8 @@ def test_single_terms_by_name(golden):
         float(losses.get_loss("dice", squared_pred=True)(x, y)), d["dice_focal_tune__dice_part"], rtol=1e-5
     )
     np.testing.assert_allclose(
-        float(losses.get_loss("generalized_dice")(x, y)), d["generalized_dice_focal_tune__gdl_part"], rtol=1e-5
+        float(losses.get_loss("generalized_dice")(x, y)),
+        d["generalized_dice_focal_tune__gdl_part"],
+        rtol=1e-5,
     )
     np.testing.assert_allclose(float(losses.get_loss("ce")(x, y)), np_ce(logits, labels), rtol=1e-5)

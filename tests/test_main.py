@@ -27,7 +27,8 @@ def _env(devices: int) -> dict:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
-        "CINJAX_TEST_JAX_CACHE", os.path.expanduser("~/.cache/cinjax/jax-test-cache"))
+        "CINJAX_TEST_JAX_CACHE", os.path.expanduser("~/.cache/cinjax/jax-test-cache")
+    )
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -59,12 +60,20 @@ def data_args(tmp_path_factory):
 
 
 def _cli(workdir, args, devices=2, extra_env=None, **popen):
-    cmd = [sys.executable, "-m", "cinjax.main", "--config", os.path.join(REPO, "configs/demo.py"),
-           f"--workdir={workdir}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cinjax.main",
+        "--config",
+        os.path.join(REPO, "configs/demo.py"),
+        f"--workdir={workdir}",
+        *args,
+    ]
     env = _env(devices)
     env.update(extra_env or {})
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **popen)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def _run(workdir, args, devices=2, timeout=600):
@@ -86,10 +95,16 @@ def _train_losses(workdir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_args):
     workdir = tmp_path_factory.mktemp("demo")
-    _run(workdir, data_args + [
-        "--config.train.num_steps=4", "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
-        "--config.predict.after_train=True",
-    ])
+    _run(
+        workdir,
+        data_args
+        + [
+            "--config.train.num_steps=4",
+            "--config.train.eval_every=2",
+            "--config.train.checkpoint_every=2",
+            "--config.predict.after_train=True",
+        ],
+    )
     return workdir
 
 
@@ -136,8 +151,11 @@ def test_demo_writes_the_workdir_contract(trained, data_args):
 def test_eval_and_predict_modes_on_a_checkpoint(trained, data_args, tmp_path):
     before = json.load(open(trained / "eval" / "results.json"))
     out = tmp_path / "eval"
-    _run(out, data_args + ["--config.mode=eval", f"--config.eval.checkpoint={trained}",
-                           "--config.eval.panels=False"])
+    _run(
+        out,
+        data_args
+        + ["--config.mode=eval", f"--config.eval.checkpoint={trained}", "--config.eval.panels=False"],
+    )
     after = json.load(open(out / "eval" / "results.json"))
     # The best checkpoint is the one whose Dice the training run reported at its best step.
     best = checkpointing.Checkpointer(trained).best_dice
@@ -150,8 +168,16 @@ def test_eval_and_predict_modes_on_a_checkpoint(trained, data_args, tmp_path):
     src = sorted(f for f in os.listdir(os.path.join(root, "mr_train")) if f.endswith("_image.nii.gz"))[0]
     os.symlink(os.path.join(root, "mr_train", src), folder / src)
     pred_dir = tmp_path / "predict"
-    _run(pred_dir, data_args + ["--config.mode=predict", f"--config.predict.checkpoint={trained}",
-                                f"--config.predict.input_dir={folder}", "--config.predict.modality=MR"])
+    _run(
+        pred_dir,
+        data_args
+        + [
+            "--config.mode=predict",
+            f"--config.predict.checkpoint={trained}",
+            f"--config.predict.input_dir={folder}",
+            "--config.predict.modality=MR",
+        ],
+    )
     pred = nib.load(str(pred_dir / "predictions" / src.replace("image", "label")))
     assert pred.shape == nib.load(str(folder / src)).shape
 
@@ -175,8 +201,11 @@ def _max_diff(a, b):
 
 
 def test_resume_after_sigkill_equals_uninterrupted(data_args, tmp_path):
-    args = data_args + ["--config.train.num_steps=14", "--config.train.checkpoint_every=2",
-                        "--config.train.final_eval=False"]
+    args = data_args + [
+        "--config.train.num_steps=14",
+        "--config.train.checkpoint_every=2",
+        "--config.train.final_eval=False",
+    ]
     full = tmp_path / "full"
     _run(full, args)
 
@@ -209,25 +238,34 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one_process(data_args, tmp_path):
-    args = data_args + ["--config.train.num_steps=3", "--config.train.checkpoint_every=0",
-                        "--config.train.final_eval=False", "--config.loader.global_batch_size=4",
-                        "--config.optim.name=sgd", "--config.optim.lr=0.05"]
+    args = data_args + [
+        "--config.train.num_steps=3",
+        "--config.train.checkpoint_every=0",
+        "--config.train.final_eval=False",
+        "--config.loader.global_batch_size=4",
+        "--config.optim.name=sgd",
+        "--config.optim.lr=0.05",
+    ]
     single = tmp_path / "single"
     _run(single, args, devices=4)
 
     multi = tmp_path / "multi"
     port = _free_port()
     procs = [
-        _cli(multi, args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                            f"--process_id={i}"], devices=2)
+        _cli(
+            multi,
+            args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            devices=2,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-6000:]
     assert _max_diff(_final_params(single), _final_params(multi)) < 1e-5
-    np.testing.assert_allclose(list(_train_losses(single).values()), list(_train_losses(multi).values()),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        list(_train_losses(single).values()), list(_train_losses(multi).values()), rtol=1e-5
+    )
 
 
 def test_unwritable_workdir_is_reported_before_training(data_args, tmp_path):
@@ -241,9 +279,17 @@ def test_unwritable_workdir_is_reported_before_training(data_args, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_args, tmp_path):
     w = tmp_path / "nan"
-    proc = _cli(w, data_args + ["--config.train.num_steps=20", "--config.train.checkpoint_every=1",
-                                "--config.optim.name=sgd", "--config.optim.lr=1e30",
-                                "--config.optim.schedule.name=constant"])
+    proc = _cli(
+        w,
+        data_args
+        + [
+            "--config.train.num_steps=20",
+            "--config.train.checkpoint_every=1",
+            "--config.optim.name=sgd",
+            "--config.optim.lr=1e30",
+            "--config.optim.schedule.name=constant",
+        ],
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "Non-finite loss" in out
@@ -258,10 +304,20 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_
 
 def test_sigterm_saves_a_checkpoint_and_exits(data_args, tmp_path):
     w = tmp_path / "term"
-    proc = _cli(w, data_args + ["--config.train.num_steps=100000", "--config.train.checkpoint_every=0",
-                                "--config.train.final_eval=False"])
+    proc = _cli(
+        w,
+        data_args
+        + [
+            "--config.train.num_steps=100000",
+            "--config.train.checkpoint_every=0",
+            "--config.train.final_eval=False",
+        ],
+    )
     deadline = time.time() + 600
-    while not any(r["split"] == "train" and r["step"] >= 2 for r in (_metrics(w) if (w / "metrics.jsonl").exists() else [])):
+    while not any(
+        r["split"] == "train" and r["step"] >= 2
+        for r in (_metrics(w) if (w / "metrics.jsonl").exists() else [])
+    ):
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         assert time.time() < deadline
         time.sleep(0.1)
@@ -282,39 +338,89 @@ def test_predict_from_a_converted_mi_seg_checkpoint(data_args, tmp_path):
     from cinjax.models import build_model
     from cinjax.models.convert import mi_seg_args_to_config
 
-    flags = ["--model_name=unet_vanilla", "--encoder_norm_name=instance_cond", "--feature_size", "4", "8",
-             "--strides", "1", "2", "--num_res_units=1", "--out_channels=8"]
+    flags = [
+        "--model_name=unet_vanilla",
+        "--encoder_norm_name=instance_cond",
+        "--feature_size",
+        "4",
+        "8",
+        "--strides",
+        "1",
+        "2",
+        "--num_res_units=1",
+        "--out_channels=8",
+    ]
     model = build_model(mi_seg_args_to_config(flags))
-    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 16, 16, 16, 1), np.float32),
-                            np.zeros((1,), np.int32))["params"]
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), np.zeros((1, 16, 16, 16, 1), np.float32), np.zeros((1,), np.int32)
+    )["params"]
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
     pt = tmp_path / "best.pt"
     torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in unet_state_dict(params).items()}}, pt)
     converted = tmp_path / "converted"
-    proc = subprocess.run([sys.executable, "-m", "cinjax.convert", "--checkpoint", str(pt), "--out", str(converted),
-                           "--", *flags], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cinjax.convert",
+            "--checkpoint",
+            str(pt),
+            "--out",
+            str(converted),
+            "--",
+            *flags,
+        ],
+        cwd=REPO,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     w = tmp_path / "predict"
     # The demo's own model fields differ (channels (4,8) but residual units etc. come from the
     # converted config), so a successful run proves the converted config was used.
-    _run(w, data_args + ["--config.mode=predict", f"--config.predict.checkpoint={converted}",
-                         "--config.model.num_res_units=3"])
+    _run(
+        w,
+        data_args
+        + [
+            "--config.mode=predict",
+            f"--config.predict.checkpoint={converted}",
+            "--config.model.num_res_units=3",
+        ],
+    )
     preds = sorted(os.listdir(w / "predictions"))
     assert len(preds) == 2
-    assert set(np.unique(np.asarray(nib.load(str(w / "predictions" / preds[0])).dataobj)).tolist()) <= MMWHS_CODES
+    assert (
+        set(np.unique(np.asarray(nib.load(str(w / "predictions" / preds[0])).dataobj)).tolist())
+        <= MMWHS_CODES
+    )
 
 
 def test_reduce_on_plateau_lowers_the_lr_after_evaluations(data_args, tmp_path):
     """patience 0 and an unreachable improvement threshold: every evaluation after the first halves the lr."""
     w = tmp_path / "plateau"
     s = "--config.optim.schedule."
-    _run(w, data_args + [
-        f"{s}name=reduce_on_plateau", f"{s}plateau_metric=dice", f"{s}plateau_mode=max", f"{s}plateau_patience=0",
-        f"{s}plateau_factor=0.5", f"{s}plateau_threshold=10.0", f"{s}plateau_threshold_mode=abs",
-        "--config.optim.lr=0.01", "--config.train.num_steps=4", "--config.train.eval_every=1",
-        "--config.train.final_eval=False", "--config.eval.distances=False", "--config.eval.panels=False",
-    ])
+    _run(
+        w,
+        data_args
+        + [
+            f"{s}name=reduce_on_plateau",
+            f"{s}plateau_metric=dice",
+            f"{s}plateau_mode=max",
+            f"{s}plateau_patience=0",
+            f"{s}plateau_factor=0.5",
+            f"{s}plateau_threshold=10.0",
+            f"{s}plateau_threshold_mode=abs",
+            "--config.optim.lr=0.01",
+            "--config.train.num_steps=4",
+            "--config.train.eval_every=1",
+            "--config.train.final_eval=False",
+            "--config.eval.distances=False",
+            "--config.eval.panels=False",
+        ],
+    )
     lrs = {r["step"]: r["lr"] for r in _metrics(w) if r["split"] == "train"}
     np.testing.assert_allclose([lrs[s] for s in (1, 2, 3, 4)], [0.01, 0.01, 0.005, 0.0025], rtol=1e-6)

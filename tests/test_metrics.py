@@ -116,11 +116,17 @@ def test_distances_match_installed_monai(shape_pairs):
     for pred, gt in shape_pairs:
         y_pred = torch.tensor(pred[None, None], dtype=torch.float32)
         y = torch.tensor(gt[None, None], dtype=torch.float32)
-        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=list(SPACING))
+        hd95 = compute_hausdorff_distance(
+            y_pred, y, include_background=True, percentile=95, spacing=list(SPACING)
+        )
         hd = compute_hausdorff_distance(y_pred, y, include_background=True, spacing=list(SPACING))
-        assd = compute_average_surface_distance(y_pred, y, include_background=True, symmetric=True, spacing=list(SPACING))
+        assd = compute_average_surface_distance(
+            y_pred, y, include_background=True, symmetric=True, spacing=list(SPACING)
+        )
         assert metrics.hausdorff_distance(pred, gt, SPACING) == pytest.approx(float(hd95), rel=1e-5)
-        assert metrics.hausdorff_distance(pred, gt, SPACING, percentile=None) == pytest.approx(float(hd), rel=1e-5)
+        assert metrics.hausdorff_distance(pred, gt, SPACING, percentile=None) == pytest.approx(
+            float(hd), rel=1e-5
+        )
         assert metrics.average_surface_distance(pred, gt, SPACING) == pytest.approx(float(assd), rel=1e-5)
 
 
@@ -158,7 +164,10 @@ def test_empty_mask_conventions():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         monai_assd = compute_average_surface_distance(
-            torch.tensor(a[None, None], dtype=torch.float32), torch.zeros(1, 1, 5, 5, 5), include_background=True, symmetric=True
+            torch.tensor(a[None, None], dtype=torch.float32),
+            torch.zeros(1, 1, 5, 5, 5),
+            include_background=True,
+            symmetric=True,
         )
     assert float(monai_assd) == math.inf
 
@@ -197,7 +206,9 @@ def test_evaluate_volume_and_summarize():
     for i, (key, modality, kw) in enumerate(specs):
         pred, label = _volume(i, **kw)
         v = metrics.evaluate_volume(pred, label, spacing=sp, class_names=names, key=key, modality=modality)
-        assert v["classes"]["A"]["dice"] == pytest.approx(metrics.dice_per_class(pred, label, 3)[0], nan_ok=True)
+        assert v["classes"]["A"]["dice"] == pytest.approx(
+            metrics.dice_per_class(pred, label, 3)[0], nan_ok=True
+        )
         assert v["classes"]["B"]["hd95_mm"] == pytest.approx(
             metrics.hausdorff_distance(pred == 2, label == 2, sp), nan_ok=True
         )
@@ -216,7 +227,9 @@ def test_evaluate_volume_and_summarize():
     assert b["hd95_mm"] == pytest.approx(vols[0]["classes"]["B"]["hd95_mm"]) and b["hd95_n_inf"] == 1
     assert ct["mean_dice"] == pytest.approx((ct["classes"]["A"]["dice"] + b["dice"]) / 2)
     mr = s["modalities"]["MR"]
-    assert math.isnan(mr["classes"]["A"]["dice"]) and mr["mean_dice"] == pytest.approx(mr["classes"]["B"]["dice"])
+    assert math.isnan(mr["classes"]["A"]["dice"]) and mr["mean_dice"] == pytest.approx(
+        mr["classes"]["B"]["dice"]
+    )
     # Pooled mean: per-class mean over all volumes (NaN ignored), then over classes.
     a_all = np.nanmean([v["classes"]["A"]["dice"] for v in vols])
     b_all = np.nanmean([v["classes"]["B"]["dice"] for v in vols])

@@ -37,7 +37,9 @@ def cin_reference(x, modality, scale, bias, eps=1e-5):
 
 def _tables(c, seed=0):
     rng = np.random.default_rng(seed)
-    return (1.0 + rng.standard_normal((M, c))).astype(np.float32), rng.standard_normal((M, c)).astype(np.float32)
+    return (1.0 + rng.standard_normal((M, c))).astype(np.float32), rng.standard_normal((M, c)).astype(
+        np.float32
+    )
 
 
 def _cin_params(c, seed=0):
@@ -148,7 +150,9 @@ def _affine(c, seed=9):
 def test_instance_norm_matches_torch(volume):
     w, b = _affine(8)
     out = InstanceNorm(affine=True).apply({"params": {"scale": w, "bias": b}}, volume)
-    ref = torch.nn.functional.instance_norm(_torch(volume), weight=torch.from_numpy(w), bias=torch.from_numpy(b))
+    ref = torch.nn.functional.instance_norm(
+        _torch(volume), weight=torch.from_numpy(w), bias=torch.from_numpy(b)
+    )
     np.testing.assert_allclose(out, _from_torch(ref), atol=1e-5)
     plain = InstanceNorm(affine=False)
     assert plain.init(jax.random.key(0), volume) == {}
@@ -159,7 +163,9 @@ def test_instance_norm_matches_torch(volume):
 def test_layer_norm_matches_torch(volume):
     w, b = _affine(8)
     out = LayerNorm().apply({"params": {"scale": w, "bias": b}}, volume)
-    ref = torch.nn.functional.layer_norm(torch.from_numpy(volume), (8,), torch.from_numpy(w), torch.from_numpy(b))
+    ref = torch.nn.functional.layer_norm(
+        torch.from_numpy(volume), (8,), torch.from_numpy(w), torch.from_numpy(b)
+    )
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
 
 
@@ -190,8 +196,13 @@ def test_batch_norm_matches_torch_in_train_and_eval(volume):
 
 @pytest.mark.parametrize(
     "name, cls",
-    [("instance_cond", ConditionalInstanceNorm), ("instance", InstanceNorm), ("layer", LayerNorm),
-     ("batch", BatchNorm), ("group", GroupNorm)],
+    [
+        ("instance_cond", ConditionalInstanceNorm),
+        ("instance", InstanceNorm),
+        ("layer", LayerNorm),
+        ("batch", BatchNorm),
+        ("group", GroupNorm),
+    ],
 )
 def test_make_norm_dispatch(name, cls):
     norm = make_norm(name, num_modalities=4, affine=False, num_groups=2, module_name="n")

@@ -31,7 +31,10 @@ def _params(seed=0):
 
 def _grads(n, seed=1):
     rng = np.random.default_rng(seed)
-    return [{"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float32)} for _ in range(n)]
+    return [
+        {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float32)}
+        for _ in range(n)
+    ]
 
 
 def _run_optax(tx, params, grads):
@@ -124,7 +127,9 @@ def test_adam_l2_matches_torch():
 
 def test_sgd_nesterov_matches_torch():
     params, grads = _params(), _grads(5)
-    cfg = _config(name="sgd", lr=1e-2, weight_decay=1e-3, momentum=0.99, nesterov=True, schedule={"name": "constant"})
+    cfg = _config(
+        name="sgd", lr=1e-2, weight_decay=1e-3, momentum=0.99, nesterov=True, schedule={"name": "constant"}
+    )
     got, _ = _run_optax(optim.make_optimizer(cfg, 10)[0], params, grads)
     want = _run_torch(
         lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=1e-3), params, grads
@@ -134,7 +139,9 @@ def test_sgd_nesterov_matches_torch():
 
 def test_adamw_with_warmup_cosine_matches_torch_lambda_lr():
     params, grads = _params(), _grads(6)
-    cfg = _config(name="adamw", lr=1e-2, weight_decay=1e-2, schedule={"name": "warmup_cosine", "warmup_steps": 2})
+    cfg = _config(
+        name="adamw", lr=1e-2, weight_decay=1e-2, schedule={"name": "warmup_cosine", "warmup_steps": 2}
+    )
     got, _ = _run_optax(optim.make_optimizer(cfg, total_steps=6)[0], params, grads)
     tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
     opt = torch.optim.AdamW(list(tp.values()), lr=1e-2, weight_decay=1e-2)
@@ -161,7 +168,9 @@ def test_clipping_matches_torch_clip_grad_norm():
     want = _run_torch(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2), params, grads, clip=0.5)
     _assert_tree_close(got, want, rtol=1e-4, atol=1e-5)
     # With plain SGD the clipped update has exactly the clip norm.
-    cfg = _config(name="sgd", lr=1.0, weight_decay=0.0, momentum=0.0, clip_norm=0.5, schedule={"name": "constant"})
+    cfg = _config(
+        name="sgd", lr=1.0, weight_decay=0.0, momentum=0.0, clip_norm=0.5, schedule={"name": "constant"}
+    )
     tx, _ = optim.make_optimizer(cfg, 10)
     u, _ = tx.update(jax.tree.map(jnp.asarray, grads[0]), tx.init(params), params)
     np.testing.assert_allclose(float(optax.tree.norm(u)), 0.5, rtol=1e-6)
@@ -176,7 +185,9 @@ def test_accumulation_equals_big_batch_step():
         return jnp.mean((xb @ p["w"] + p["b"] - yb) ** 2)
 
     def make(k):
-        cfg = _config(name="adamw", lr=1e-2, weight_decay=1e-2, accumulate_steps=k, schedule={"name": "constant"})
+        cfg = _config(
+            name="adamw", lr=1e-2, weight_decay=1e-2, accumulate_steps=k, schedule={"name": "constant"}
+        )
         return optim.make_optimizer(cfg, 10)[0]
 
     big, small = make(1), make(2)

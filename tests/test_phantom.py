@@ -54,8 +54,22 @@ def test_layout_and_return_value(dataset):
 def test_datalist_follows_mi_seg_schema(dataset, name, modality):
     with open(dataset["datalists"][name]) as f:
         doc = json.load(f)
-    assert set(doc) == {"name", "description", "labels", "licence", "reference", "release", "tensorImageSize",
-                        "numTraining", "numValidation", "numTest", "modality", "training", "validation", "test"}
+    assert set(doc) == {
+        "name",
+        "description",
+        "labels",
+        "licence",
+        "reference",
+        "release",
+        "tensorImageSize",
+        "numTraining",
+        "numValidation",
+        "numTest",
+        "modality",
+        "training",
+        "validation",
+        "test",
+    }
     assert doc["modality"] == modality and isinstance(doc["modality"], int)
     assert doc["tensorImageSize"] == "3D" and doc["labels"]["0"] == "background"
     assert {int(k) for k in doc["labels"]} == MMWHS_CODES
@@ -103,9 +117,15 @@ def test_deterministic_from_seed(dataset):
         (phantom.MR, cfg.mr_shape, cfg.mr_spacing, cfg.mr_axcodes, "mr"),
     ]:
         rng = phantom.case_rng(0, modality, 1002)
-        image, label, affine = phantom.render(phantom.sample_subject(rng), modality, shape, spacing, axcodes, rng)
-        disk_image, img = _load(os.path.join(dataset["root"], f"{prefix}_train/{prefix}_train_1002_image.nii.gz"))
-        disk_label, _ = _load(os.path.join(dataset["root"], f"{prefix}_train/{prefix}_train_1002_label.nii.gz"))
+        image, label, affine = phantom.render(
+            phantom.sample_subject(rng), modality, shape, spacing, axcodes, rng
+        )
+        disk_image, img = _load(
+            os.path.join(dataset["root"], f"{prefix}_train/{prefix}_train_1002_image.nii.gz")
+        )
+        disk_label, _ = _load(
+            os.path.join(dataset["root"], f"{prefix}_train/{prefix}_train_1002_label.nii.gz")
+        )
         np.testing.assert_array_equal(image, disk_image)
         np.testing.assert_array_equal(label, disk_label)
         np.testing.assert_allclose(affine, img.affine, atol=1e-5)
@@ -123,8 +143,9 @@ def test_ct_and_mr_are_different_subjects(dataset):
         mr_label, mr_img = _load(by[(phantom.MR, case_id)]["label"])
         assert _world_agreement(ct_label, ct_img.affine, mr_label, mr_img.affine) < 0.6
         rng = phantom.case_rng(0, phantom.CT, case_id)  # the CT subject, rendered as MR
-        _, same, same_affine = phantom.render(phantom.sample_subject(rng), phantom.MR, cfg.mr_shape,
-                                              cfg.mr_spacing, cfg.mr_axcodes, rng)
+        _, same, same_affine = phantom.render(
+            phantom.sample_subject(rng), phantom.MR, cfg.mr_shape, cfg.mr_spacing, cfg.mr_axcodes, rng
+        )
         assert _world_agreement(ct_label, ct_img.affine, same, same_affine) > 0.85
 
 
@@ -148,18 +169,22 @@ def test_generate_is_idempotent(dataset, tmp_path):
     again = phantom.generate(dataset["root"], seed=0, **SMALL)
     assert not again["generated"] and again["datalists"] == dataset["datalists"]
     root = str(tmp_path / "p")
-    first = phantom.generate(root, seed=0, num_ct=3, num_mr=3, num_val=1, num_test=1,
-                             ct_shape=(24, 24, 20), mr_shape=(24, 24, 20))
+    first = phantom.generate(
+        root, seed=0, num_ct=3, num_mr=3, num_val=1, num_test=1, ct_shape=(24, 24, 20), mr_shape=(24, 24, 20)
+    )
     stamp = os.path.getmtime(first["cases"][0]["image"])
-    assert not phantom.generate(root, seed=0, num_ct=3, num_mr=3, num_val=1, num_test=1,
-                                ct_shape=(24, 24, 20), mr_shape=(24, 24, 20))["generated"]
+    assert not phantom.generate(
+        root, seed=0, num_ct=3, num_mr=3, num_val=1, num_test=1, ct_shape=(24, 24, 20), mr_shape=(24, 24, 20)
+    )["generated"]
     assert os.path.getmtime(first["cases"][0]["image"]) == stamp
     os.remove(first["cases"][-1]["label"])  # a missing file triggers regeneration
-    assert phantom.generate(root, seed=0, num_ct=3, num_mr=3, num_val=1, num_test=1,
-                            ct_shape=(24, 24, 20), mr_shape=(24, 24, 20))["generated"]
+    assert phantom.generate(
+        root, seed=0, num_ct=3, num_mr=3, num_val=1, num_test=1, ct_shape=(24, 24, 20), mr_shape=(24, 24, 20)
+    )["generated"]
     assert os.path.isfile(first["cases"][-1]["label"])
-    changed = phantom.generate(root, seed=1, num_ct=3, num_mr=3, num_val=1, num_test=1,
-                               ct_shape=(24, 24, 20), mr_shape=(24, 24, 20))
+    changed = phantom.generate(
+        root, seed=1, num_ct=3, num_mr=3, num_val=1, num_test=1, ct_shape=(24, 24, 20), mr_shape=(24, 24, 20)
+    )
     assert changed["generated"]
     with open(os.path.join(root, phantom.MANIFEST)) as f:
         assert json.load(f)["params"]["seed"] == 1
@@ -175,8 +200,9 @@ def test_bad_parameters():
 
 
 def test_cli(dataset, capsys):
-    phantom.main(["--root", dataset["root"], "--num_ct", "3", "--num_mr", "3", "--num_val", "1",
-                  "--num_test", "1"])
+    phantom.main(
+        ["--root", dataset["root"], "--num_ct", "3", "--num_mr", "3", "--num_val", "1", "--num_test", "1"]
+    )
     assert "up to date" in capsys.readouterr().out
 
 

@@ -57,8 +57,14 @@ def records(tmp_path_factory):
             label = np.zeros(SHAPE, np.uint8)
             label[3:7, 3:7, 3:7] = 1 + i % 3
             out[name].append(
-                cache.write_entry(str(root / f"{name}{i}"), key=f"{name}{i}", modality=MODALITY[name],
-                                  image=image, label=label, meta={})
+                cache.write_entry(
+                    str(root / f"{name}{i}"),
+                    key=f"{name}{i}",
+                    modality=MODALITY[name],
+                    image=image,
+                    label=label,
+                    meta={},
+                )
             )
     return out
 
@@ -71,7 +77,9 @@ def mesh():
 def make(records, mesh, **kw):
     kw.setdefault("global_batch_size", 16)
     kw.setdefault("seed", 0)
-    return pipeline.make_train_loader(records, mesh=mesh, transform_cfg=CROP, sample_fn=synthetic_sample, **kw)
+    return pipeline.make_train_loader(
+        records, mesh=mesh, transform_cfg=CROP, sample_fn=synthetic_sample, **kw
+    )
 
 
 def device_slices(batch: dict, key: str = "modality") -> list[np.ndarray]:
@@ -102,9 +110,17 @@ def test_integer_proportions_and_pattern():
 
 @pytest.mark.parametrize(
     "mode,props,batch,per_device",
-    [("interleave", (1, 1), 16, 2), ("interleave", (1, 1), 8, 1), ("interleave", (2, 1), 24, 3),
-     ("interleave", (2, 1), 8, 1), ("interleave", (3, 1), 12, 3), ("interleave", (1, 2, 3), 12, 2),
-     ("joint", (1, 1), 8, 1), ("joint", (2, 1), 6, 3), ("single", (1,), 4, 2)],
+    [
+        ("interleave", (1, 1), 16, 2),
+        ("interleave", (1, 1), 8, 1),
+        ("interleave", (2, 1), 24, 3),
+        ("interleave", (2, 1), 8, 1),
+        ("interleave", (3, 1), 12, 3),
+        ("interleave", (1, 2, 3), 12, 2),
+        ("joint", (1, 1), 8, 1),
+        ("joint", (2, 1), 6, 3),
+        ("single", (1,), 4, 2),
+    ],
 )
 def test_schedule_draws_each_stream_in_order(mode, props, batch, per_device):
     """Brute force: walking the steps row by row, every modality stream is drawn 0, 1, 2, ... once."""
@@ -143,7 +159,9 @@ def test_interleave_equal_mix_on_every_device(records, mesh):
     assert loader.step == 5
 
 
-@pytest.mark.parametrize("ratios,batch,expected", [({"CT": 2, "MR": 1}, 24, [0, 0, 1]), ((0.75, 0.25), 32, [0, 0, 0, 1])])
+@pytest.mark.parametrize(
+    "ratios,batch,expected", [({"CT": 2, "MR": 1}, 24, [0, 0, 1]), ((0.75, 0.25), 32, [0, 0, 0, 1])]
+)
 def test_custom_ratios_on_every_device(records, mesh, ratios, batch, expected):
     loader = make(records, mesh, global_batch_size=batch, ratios=ratios)
     for _ in range(4):
@@ -163,7 +181,7 @@ def test_one_sample_per_device_with_ratios(records, mesh):
     loader = make(records, mesh, global_batch_size=8, ratios={"CT": 2, "MR": 1})
     mods = np.stack([np.asarray(b["modality"]) for b in take(loader, 7)])
     for s in range(len(mods) - 2):
-        assert (mods[s:s + 3].sum(axis=0) == 1).all()  # any 3 consecutive steps: 2 CT + 1 MR per device
+        assert (mods[s : s + 3].sum(axis=0) == 1).all()  # any 3 consecutive steps: 2 CT + 1 MR per device
     assert set(mods.sum(axis=1).tolist()) <= {2, 3}  # global batches as close to 2:1 as 8 rows allow
 
 
@@ -186,7 +204,7 @@ def test_each_epoch_visits_every_volume_once(records, mesh):
     ct = [code_of(b["image"]).tolist() for b in take(loader, 4)][0::2]  # CT steps: 16 CT rows
     flat = [c for step in ct for c in step]
     for epoch in range(5):
-        assert sorted(flat[3 * epoch:3 * epoch + 3]) == [1, 2, 3]
+        assert sorted(flat[3 * epoch : 3 * epoch + 3]) == [1, 2, 3]
 
 
 def test_two_axis_mesh_replicates_over_model_axis(records):
@@ -257,8 +275,9 @@ def test_workers_match_in_process_and_restore(records, mesh):
 
 
 def test_data_wait_is_timed(records, mesh):
-    loader = pipeline.make_train_loader(records, mesh=mesh, global_batch_size=8, transform_cfg=CROP,
-                                        sample_fn=slow_sample, prefetch=0)
+    loader = pipeline.make_train_loader(
+        records, mesh=mesh, global_batch_size=8, transform_cfg=CROP, sample_fn=slow_sample, prefetch=0
+    )
     loader.next_local()
     loader.next_local()
     assert loader.last_wait_s >= 8 * 0.02
@@ -266,8 +285,9 @@ def test_data_wait_is_timed(records, mesh):
 
 
 def test_wrong_modality_from_sample_fn_is_caught(records, mesh):
-    loader = pipeline.make_train_loader(records, mesh=mesh, global_batch_size=8, transform_cfg=CROP,
-                                        sample_fn=wrong_modality_sample)
+    loader = pipeline.make_train_loader(
+        records, mesh=mesh, global_batch_size=8, transform_cfg=CROP, sample_fn=wrong_modality_sample
+    )
     with pytest.raises(RuntimeError, match="differ from the schedule"):
         next(loader)
 
@@ -286,8 +306,9 @@ def test_invalid_configurations(records, mesh):
     with pytest.raises(ValueError, match="must match"):
         make({1: records["CT"], 0: records["MR"]}, mesh)
     with pytest.raises(ValueError, match="smaller than the crop size"):
-        pipeline.make_train_loader(records, mesh=mesh, global_batch_size=8,
-                                   transform_cfg=transforms.TransformConfig(roi=(12, 12, 4)))
+        pipeline.make_train_loader(
+            records, mesh=mesh, global_batch_size=8, transform_cfg=transforms.TransformConfig(roi=(12, 12, 4))
+        )
     unlabelled = [pipeline.VolumeRecord("u", 0, os.devnull, SHAPE, False)]
     with pytest.raises(ValueError, match="unlabelled"):
         make({"CT": unlabelled, "MR": records["MR"]}, mesh)

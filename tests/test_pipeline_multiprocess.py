@@ -34,14 +34,22 @@ def load_records(root: str) -> dict:
     from cinjax.data import cache
 
     names = sorted(os.listdir(root))
-    return {m: [cache.load_record(os.path.join(root, n)) for n in names if n.startswith(m)] for m in ("CT", "MR")}
+    return {
+        m: [cache.load_record(os.path.join(root, n)) for n in names if n.startswith(m)] for m in ("CT", "MR")
+    }
 
 
 def worker(process_id: int, port: int, root: str, out: str) -> None:
     from cinjax import distributed
 
-    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                           initialization_timeout=60, heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
+    distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=2,
+        process_id=process_id,
+        initialization_timeout=60,
+        heartbeat_timeout_seconds=10,
+        shutdown_timeout_seconds=10,
+    )
     import jax
     from absl import flags
 
@@ -49,9 +57,19 @@ def worker(process_id: int, port: int, root: str, out: str) -> None:
 
     flags.FLAGS.mark_as_parsed()
     mesh = distributed.make_mesh()
-    loader = pipeline.make_train_loader(load_records(root), mesh=mesh, global_batch_size=GLOBAL_BATCH, seed=5,
-                                        transform_cfg=CROP, sample_fn=synthetic_sample)
-    result = {"process_index": jax.process_index(), "local_rows": list(loader.local_rows), "device_slices": []}
+    loader = pipeline.make_train_loader(
+        load_records(root),
+        mesh=mesh,
+        global_batch_size=GLOBAL_BATCH,
+        seed=5,
+        transform_cfg=CROP,
+        sample_fn=synthetic_sample,
+    )
+    result = {
+        "process_index": jax.process_index(),
+        "local_rows": list(loader.local_rows),
+        "device_slices": [],
+    }
     local, gathered = [], []
     for _ in range(STEPS):
         batch = next(loader)
@@ -83,13 +101,31 @@ def test_two_processes_load_the_single_process_global_batch(tmp_path):
         for i in range(n):
             code = 10 * modality + i + 1
             image = (code * 10000 + np.arange(np.prod(SHAPE))).reshape(SHAPE).astype(np.float32)
-            cache.write_entry(str(root / f"{name}{i}"), key=f"{name}{i}", modality=modality, image=image,
-                              label=(image % 3).astype(np.uint8), meta={})
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            cache.write_entry(
+                str(root / f"{name}{i}"),
+                key=f"{name}{i}",
+                modality=modality,
+                image=image,
+                label=(image % 3).astype(np.uint8),
+                meta={},
+            )
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(root), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(i), str(port), str(root), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         logs = [p.communicate(timeout=120)[0] for p in procs]
     finally:
@@ -105,9 +141,17 @@ def test_two_processes_load_the_single_process_global_batch(tmp_path):
         for step_slices in r["device_slices"]:
             assert [sorted(s) for s in step_slices] == [[0, 1], [0, 1]]  # 2 rows per device: one of each
 
-    mesh4 = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
-    reference = pipeline.make_train_loader(load_records(str(root)), mesh=mesh4, global_batch_size=GLOBAL_BATCH,
-                                           seed=5, transform_cfg=CROP, sample_fn=synthetic_sample)
+    mesh4 = jax.make_mesh(
+        (4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4]
+    )
+    reference = pipeline.make_train_loader(
+        load_records(str(root)),
+        mesh=mesh4,
+        global_batch_size=GLOBAL_BATCH,
+        seed=5,
+        transform_cfg=CROP,
+        sample_fn=synthetic_sample,
+    )
     ref = [reference.next_local() for _ in range(STEPS)]
     for key in ("image", "label", "modality"):
         expected = np.stack([b[key] for b in ref])

@@ -49,10 +49,16 @@ def _write(d, name, aff, seed=0):
 
 
 def _task(ip, lp, spacing=(1.0, 1.0, 1.0), roi=(16, 16, 16), intensity=MINMAX, split="training"):
-    return preprocess.Task(entry=Entry(ip, lp, 0, split, "test"), modality_name="CT",
-                           needs_foreground=split == "training", codes={0: 0, 1: 1, 2: 2, 3: 3},
-                           affine_atol=1e-3, spacing=tuple(spacing), roi=tuple(roi),
-                           intensity=dict(intensity))
+    return preprocess.Task(
+        entry=Entry(ip, lp, 0, split, "test"),
+        modality_name="CT",
+        needs_foreground=split == "training",
+        codes={0: 0, 1: 1, 2: 2, 3: 3},
+        affine_atol=1e-3,
+        spacing=tuple(spacing),
+        roi=tuple(roi),
+        intensity=dict(intensity),
+    )
 
 
 # -------------------------------------------------------------------------------- geometry vs reference
@@ -81,8 +87,9 @@ def _scipy_reference(arr, src_aff, dst_aff, dst_shape, order):
     return ndimage.map_coordinates(arr.astype(np.float64), coords, order=1, mode="nearest").reshape(dst_shape)
 
 
-@pytest.mark.parametrize("spacing,target", [((0.8, 1.3, 2.0), (1.0, 1.0, 1.0)),
-                                            ((1.7, 0.6, 1.1), (1.0, 1.5, 0.9))])
+@pytest.mark.parametrize(
+    "spacing,target", [((0.8, 1.3, 2.0), (1.0, 1.0, 1.0)), ((1.7, 0.6, 1.1), (1.0, 1.5, 0.9))]
+)
 def test_resample_anisotropic_matches_scipy(spacing, target):
     image, label = _volume()
     aff = _affine("RAS", spacing)
@@ -106,8 +113,10 @@ def test_resample_sheared_grid_matches_scipy():
     new_aff, new_shape = preprocess.resampled_grid(aff, SHAPE, (1.0, 1.0, 1.0))
     out = preprocess.resample(image, aff, new_aff, new_shape, "linear")
     np.testing.assert_allclose(out, _scipy_reference(image, aff, new_aff, new_shape, 1), atol=2e-5)
-    np.testing.assert_array_equal(preprocess.resample(label, aff, new_aff, new_shape, "nearest"),
-                                  _scipy_reference(label, aff, new_aff, new_shape, 0))
+    np.testing.assert_array_equal(
+        preprocess.resample(label, aff, new_aff, new_shape, "nearest"),
+        _scipy_reference(label, aff, new_aff, new_shape, 0),
+    )
 
 
 def test_preprocess_non_ras_matches_canonical_then_scipy(tmp_path):
@@ -133,20 +142,29 @@ def monai_transforms():
 
     def make(target, roi):
         keys = ["image", "label"]
-        return mt.Compose([
-            mt.LoadImaged(keys), mt.EnsureChannelFirstd(keys),
-            mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            mt.Spacingd(keys, pixdim=target, mode=("bilinear", "nearest")), mt.ScaleIntensityd("image"),
-            mt.SpatialPadd(keys, roi)])
+        return mt.Compose(
+            [
+                mt.LoadImaged(keys),
+                mt.EnsureChannelFirstd(keys),
+                mt.Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+                mt.Spacingd(keys, pixdim=target, mode=("bilinear", "nearest")),
+                mt.ScaleIntensityd("image"),
+                mt.SpatialPadd(keys, roi),
+            ]
+        )
+
     return make
 
 
-@pytest.mark.parametrize("codes,spacing,target,rotate", [
-    ("LPS", (0.8, 1.3, 2.0), (1.0, 1.0, 1.0), 0.0),
-    ("PIL", (1.7, 0.6, 1.1), (1.0, 1.5, 0.9), 0.0),
-    ("ASL", (1.2, 0.9, 1.0), (1.0, 1.0, 1.0), 0.1),
-    ("PLS", (1.2, 1.2, 2.0), (1.0, 1.0, 1.0), 0.0),  # 2 mm -> 1 mm: every other output plane is a tie
-])
+@pytest.mark.parametrize(
+    "codes,spacing,target,rotate",
+    [
+        ("LPS", (0.8, 1.3, 2.0), (1.0, 1.0, 1.0), 0.0),
+        ("PIL", (1.7, 0.6, 1.1), (1.0, 1.5, 0.9), 0.0),
+        ("ASL", (1.2, 0.9, 1.0), (1.0, 1.0, 1.0), 0.1),
+        ("PLS", (1.2, 1.2, 2.0), (1.0, 1.0, 1.0), 0.0),  # 2 mm -> 1 mm: every other output plane is a tie
+    ],
+)
 def test_matches_monai_transforms_1_to_6(tmp_path, monai_transforms, codes, spacing, target, rotate):
     ip, lp = _write(tmp_path, "v", _affine(codes, spacing, rotate=rotate))
     roi = (32, 16, 32)
@@ -175,12 +193,14 @@ def test_intensity_modes():
     s = dict(MINMAX)
     np.testing.assert_allclose(preprocess.scale_intensity(x, s), (x + 1000) / 2500, atol=1e-7)
     s["mode"] = "window"
-    np.testing.assert_allclose(preprocess.scale_intensity(x, s), (np.clip(x, -175, 250) + 175) / 425,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        preprocess.scale_intensity(x, s), (np.clip(x, -175, 250) + 175) / 425, atol=1e-7
+    )
     s["mode"], s["percentiles"] = "percentile", [10.0, 90.0]
     lo, hi = np.percentile(x, [10, 90])
-    np.testing.assert_allclose(preprocess.scale_intensity(x, s), (np.clip(x, lo, hi) - lo) / (hi - lo),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        preprocess.scale_intensity(x, s), (np.clip(x, lo, hi) - lo) / (hi - lo), atol=1e-6
+    )
     s["mode"] = "zscore"
     z = preprocess.scale_intensity(x, s)
     assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-5
@@ -191,8 +211,11 @@ def test_intensity_modes():
 def test_intensity_by_modality_overrides():
     cfg = default_data_config()
     cfg.intensity_by_modality = {"CT": {"mode": "window", "window": (-100.0, 300.0)}}
-    assert preprocess.intensity_settings(cfg, "CT") == {"mode": "window", "window": [-100.0, 300.0],
-                                                        "percentiles": [0.5, 99.5]}
+    assert preprocess.intensity_settings(cfg, "CT") == {
+        "mode": "window",
+        "window": [-100.0, 300.0],
+        "percentiles": [0.5, 99.5],
+    }
     assert preprocess.intensity_settings(cfg, "MR")["mode"] == "minmax"
 
 
@@ -206,8 +229,9 @@ def test_padding_is_symmetric_and_keeps_world_positions(tmp_path):
     src = (src - src.min()) / (src.max() - src.min())
     np.testing.assert_allclose(image[2:22, :, 1:17], src, atol=1e-6)
     # A voxel's world position is the same in the padded array (final affine) and in the source.
-    np.testing.assert_allclose(np.asarray(meta["affine"]) @ [2, 0, 1, 1],
-                               io.load_image(ip)[1].affine @ [0, 0, 0, 1])
+    np.testing.assert_allclose(
+        np.asarray(meta["affine"]) @ [2, 0, 1, 1], io.load_image(ip)[1].affine @ [0, 0, 0, 1]
+    )
 
 
 # ----------------------------------------------------------------------------------- inverse geometry
@@ -228,8 +252,9 @@ def test_label_round_trips_exactly_when_spacing_unchanged(tmp_path, codes):
     np.testing.assert_array_equal(preprocess.original_affine(meta), geom.affine)
 
 
-@pytest.mark.parametrize("aff", [_affine("LPS", (0.8, 1.3, 2.0)),
-                                 _affine("ASL", (1.23, 0.91, 1.37), rotate=0.1)])  # spacings without ties
+@pytest.mark.parametrize(
+    "aff", [_affine("LPS", (0.8, 1.3, 2.0)), _affine("ASL", (1.23, 0.91, 1.37), rotate=0.1)]
+)  # spacings without ties
 def test_inverse_of_resampled_prediction_matches_world_nearest(tmp_path, aff):
     ip, lp = _write(tmp_path, "v", aff)
     _, label, meta = preprocess.preprocess_volume(_task(ip, lp, roi=(24, 40, 36)))
@@ -263,8 +288,13 @@ def _dataset(tmp_path, n=2, **overrides):
     with open(tmp_path / "ct.json", "w") as f:
         json.dump(doc, f)
     with open(tmp_path / "mr.json", "w") as f:
-        json.dump({"modality": "MR", "training": [{"image": os.path.basename(mr[0]),
-                                                   "label": os.path.basename(mr[1])}]}, f)
+        json.dump(
+            {
+                "modality": "MR",
+                "training": [{"image": os.path.basename(mr[0]), "label": os.path.basename(mr[1])}],
+            },
+            f,
+        )
     cfg = default_data_config()
     cfg.root = str(tmp_path)
     cfg.json_lists = ("ct.json", "mr.json")
@@ -289,8 +319,10 @@ def test_prepare_records_and_reuse(tmp_path):
     t_first = time.perf_counter() - start
     assert first.written == 3  # validation == test volume is cached once
     assert {s: {m: len(r) for m, r in v.items()} for s, v in first.records.items()} == {
-        "training": {"CT": 1, "MR": 1, "PET": 0}, "validation": {"CT": 1, "MR": 0, "PET": 0},
-        "test": {"CT": 1, "MR": 0, "PET": 0}}
+        "training": {"CT": 1, "MR": 1, "PET": 0},
+        "validation": {"CT": 1, "MR": 0, "PET": 0},
+        "test": {"CT": 1, "MR": 0, "PET": 0},
+    }
     assert first.records["validation"]["CT"][0] == first.records["test"]["CT"][0]
     rec = first.records["training"]["MR"][0]
     assert rec.modality == 1 and rec.has_label and rec.key == "MR/mr_0_image"
@@ -317,8 +349,11 @@ def test_prepare_records_and_reuse(tmp_path):
 
 
 def make_task(cfg, record):
-    return next(t for t in preprocess.make_tasks(cfg, ("training",))
-                if t.entry.image == cache.read_meta(record.path)["source"]["image"])
+    return next(
+        t
+        for t in preprocess.make_tasks(cfg, ("training",))
+        if t.entry.image == cache.read_meta(record.path)["source"]["image"]
+    )
 
 
 def test_changed_source_or_settings_invalidate(tmp_path):
@@ -333,8 +368,9 @@ def test_changed_source_or_settings_invalidate(tmp_path):
     assert second.records["training"]["CT"] == first.records["training"]["CT"]
     new_mr = second.records["training"]["MR"][0]
     assert new_mr.path != first.records["training"]["MR"][0].path
-    np.testing.assert_allclose(cache.read_volume(new_mr)[0],
-                               (image - image.min()) / (image.max() - image.min()), atol=1e-6)
+    np.testing.assert_allclose(
+        cache.read_volume(new_mr)[0], (image - image.min()) / (image.max() - image.min()), atol=1e-6
+    )
     # Changed settings: every entry is rebuilt.
     cfg.spacing = (1.0, 1.0, 1.5)
     third = preprocess.prepare(cfg, progress=False)

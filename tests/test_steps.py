@@ -28,10 +28,19 @@ def _config():
 
 @pytest.fixture(scope="module")
 def setup():
-    model = build_model(dict(
-        name="unet_vanilla", out_channels=3, channels=(4, 8), strides=(1, 2), num_res_units=1,
-        encoder_norm="instance_cond", decoder_norm="instance", num_modalities=2, conv_impl="depth2d",
-    ))
+    model = build_model(
+        dict(
+            name="unet_vanilla",
+            out_channels=3,
+            channels=(4, 8),
+            strides=(1, 2),
+            num_res_units=1,
+            encoder_norm="instance_cond",
+            decoder_norm="instance",
+            num_modalities=2,
+            conv_impl="depth2d",
+        )
+    )
     tx, _ = optim.make_optimizer(_config(), total_steps=10)
     loss_fn = losses.get_loss("dice_focal", return_parts=True)
     rng = np.random.default_rng(0)
@@ -68,10 +77,16 @@ def test_sharded_step_equals_single_device(setup):
     s1, l1 = _run(step, state, batch, one)
     s8, l8 = _run(step, state, batch, eight)
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), s1.params, s8.params))
+    diffs = jax.tree.leaves(
+        jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), s1.params, s8.params)
+    )
     assert max(diffs) < 1e-5
     # The step actually trained: params moved and the loss went down.
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), s1.params, state.params))
+    moved = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), s1.params, state.params
+        )
+    )
     assert max(moved) > 1e-4
     assert int(s8.step) == 2
 
@@ -82,9 +97,13 @@ def test_non_finite_step_skips_update(setup):
     new_state, m = jax.jit(step)(state, bad)
     assert int(m["finite"]) == 0
     assert int(new_state.step) == int(state.step)
-    same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new_state.params, state.params))
+    same = jax.tree.leaves(
+        jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new_state.params, state.params)
+    )
     assert all(same)
-    same_opt = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new_state.opt_state, state.opt_state))
+    same_opt = jax.tree.leaves(
+        jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new_state.opt_state, state.opt_state)
+    )
     assert all(same_opt)
 
 
@@ -108,15 +127,25 @@ def test_cin_rows_of_absent_modality_untouched(setup):
 
 def test_bf16_compute_keeps_fp32_params_and_loss(setup):
     _, state, batch = setup
-    model = build_model(dict(
-        name="unet_vanilla", out_channels=3, channels=(4, 8), strides=(1, 2), num_res_units=1,
-        encoder_norm="instance_cond", decoder_norm="instance", num_modalities=2, conv_impl="depth2d",
-        dtype=jnp.bfloat16,
-    ))
+    model = build_model(
+        dict(
+            name="unet_vanilla",
+            out_channels=3,
+            channels=(4, 8),
+            strides=(1, 2),
+            num_res_units=1,
+            encoder_norm="instance_cond",
+            decoder_norm="instance",
+            num_modalities=2,
+            conv_impl="depth2d",
+            dtype=jnp.bfloat16,
+        )
+    )
     logits = model.apply({"params": state.params}, batch["image"], batch["modality"])
     tx, _ = optim.make_optimizer(_config(), total_steps=10)
-    step = functools.partial(steps.train_step, model=model, tx=tx,
-                             loss_fn=losses.get_loss("dice_focal", return_parts=True))
+    step = functools.partial(
+        steps.train_step, model=model, tx=tx, loss_fn=losses.get_loss("dice_focal", return_parts=True)
+    )
     new_state, m = jax.jit(step)(state, batch)
     assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))

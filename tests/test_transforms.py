@@ -9,8 +9,8 @@ import torch
 from monai import transforms as mt
 from monai.transforms import utils as mtu
 
-from cinjax.data import cache, transforms as T
-
+from cinjax.data import cache
+from cinjax.data import transforms as T
 
 # ---------------------------------------------------------------------------------------------------
 # Plain reference (written independently of the module: same documented draw order).
@@ -25,8 +25,12 @@ def reference_augment(image, label, rng, cfg):
         k = rng.integers(1, cfg.rot90_max_k + 1)
         a, b = cfg.rot90_axes
         for _ in range(k):  # one 90° step from axis a towards axis b: swap axes, then reverse axis a
-            image = np.swapaxes(image, a, b)[tuple(slice(None, None, -1) if i == a else slice(None) for i in range(3))]
-            label = np.swapaxes(label, a, b)[tuple(slice(None, None, -1) if i == a else slice(None) for i in range(3))]
+            image = np.swapaxes(image, a, b)[
+                tuple(slice(None, None, -1) if i == a else slice(None) for i in range(3))
+            ]
+            label = np.swapaxes(label, a, b)[
+                tuple(slice(None, None, -1) if i == a else slice(None) for i in range(3))
+            ]
     if rng.random() < cfg.scale_intensity_prob:
         image = image * np.float32(1 + rng.uniform(-cfg.scale_intensity_factor, cfg.scale_intensity_factor))
     if rng.random() < cfg.shift_intensity_prob:
@@ -52,8 +56,9 @@ def cube():
 
 @pytest.mark.parametrize("seed", range(40))
 def test_augment_matches_reference(cube, seed):
-    cfg = T.TransformConfig(roi=(12, 12, 12), flip_prob=0.5, rot90_prob=0.5,
-                            scale_intensity_prob=0.5, shift_intensity_prob=0.5)
+    cfg = T.TransformConfig(
+        roi=(12, 12, 12), flip_prob=0.5, rot90_prob=0.5, scale_intensity_prob=0.5, shift_intensity_prob=0.5
+    )
     image, label = cube
     got_i, got_l = T.augment(image, label, np.random.default_rng(seed), cfg)
     ref_i, ref_l = reference_augment(image, label, np.random.default_rng(seed), cfg)
@@ -66,7 +71,12 @@ def test_defaults_are_mi_seg():
     cfg = T.TransformConfig()
     assert cfg.roi == (96, 96, 96) and (cfg.pos, cfg.neg) == (1.0, 1.0)
     assert (cfg.flip_prob, cfg.flip_axes, cfg.rot90_prob, cfg.rot90_max_k, cfg.rot90_axes) == (
-        0.2, (0, 1, 2), 0.2, 3, (0, 1))
+        0.2,
+        (0, 1, 2),
+        0.2,
+        3,
+        (0, 1),
+    )
     assert (cfg.scale_intensity_prob, cfg.scale_intensity_factor) == (0.1, 0.1)
     assert (cfg.shift_intensity_prob, cfg.shift_intensity_offset) == (0.1, 0.1)
 
@@ -85,8 +95,9 @@ def test_config_validation_and_mapping():
 def test_alignment_and_integer_labels_after_every_transform(cube):
     """The image holds voxel ids, so every output voxel says where it came from; labels must follow."""
     image, label = cube
-    cfg = T.TransformConfig(roi=(12, 12, 12), flip_prob=0.5, rot90_prob=0.7,
-                            scale_intensity_prob=0.0, shift_intensity_prob=0.0)
+    cfg = T.TransformConfig(
+        roi=(12, 12, 12), flip_prob=0.5, rot90_prob=0.7, scale_intensity_prob=0.0, shift_intensity_prob=0.0
+    )
     for seed in range(30):
         out_i, out_l = T.augment(image, label, np.random.default_rng(seed), cfg)
         source = out_i.astype(np.int64) - 1
@@ -146,8 +157,13 @@ def test_intensity_is_monai(cube):
 def test_crop_centre_correction_matches_monai():
     rng = np.random.default_rng(0)
     cases = 0
-    for shape, roi in [((20, 20, 20), (8, 8, 8)), ((17, 23, 9), (7, 8, 9)), ((16, 16, 16), (16, 16, 16)),
-                       ((33, 12, 40), (5, 12, 31)), ((9, 9, 9), (1, 2, 3))]:
+    for shape, roi in [
+        ((20, 20, 20), (8, 8, 8)),
+        ((17, 23, 9), (7, 8, 9)),
+        ((16, 16, 16), (16, 16, 16)),
+        ((33, 12, 40), (5, 12, 31)),
+        ((9, 9, 9), (1, 2, 3)),
+    ]:
         centres = [tuple(rng.integers(0, s) for s in shape) for _ in range(25)]
         centres += [(0, 0, 0), tuple(s - 1 for s in shape)]
         for c in centres:
@@ -169,10 +185,18 @@ def test_sample_crop_start_matches_monai_generate(use_fg):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             (centre,) = mtu.generate_pos_neg_label_crop_centers(
-                roi, 1, 1.0 if use_fg else 0.0, shape, fg, bg, np.random.RandomState(0))
+                roi, 1, 1.0 if use_fg else 0.0, shape, fg, bg, np.random.RandomState(0)
+            )
         want = tuple(int(c) - r // 2 for c, r in zip(centre, roi))
-        got = T.sample_crop_start(shape, roi, fg, bg, np.random.default_rng(0),
-                                  pos=1.0 if use_fg else 0.0, neg=0.0 if use_fg else 1.0)
+        got = T.sample_crop_start(
+            shape,
+            roi,
+            fg,
+            bg,
+            np.random.default_rng(0),
+            pos=1.0 if use_fg else 0.0,
+            neg=0.0 if use_fg else 1.0,
+        )
         assert got == want
 
 
@@ -195,8 +219,9 @@ def test_crop_errors():
     with pytest.raises(ValueError, match="larger than the volume"):
         T.sample_crop_start((8, 8, 8), (9, 8, 8), np.array([0]), np.array([1]), np.random.default_rng(0))
     with pytest.raises(ValueError, match="No crop-centre candidates"):
-        T.sample_crop_start((8, 8, 8), (4, 4, 4), np.array([], np.int64), np.array([], np.int64),
-                            np.random.default_rng(0))
+        T.sample_crop_start(
+            (8, 8, 8), (4, 4, 4), np.array([], np.int64), np.array([], np.int64), np.random.default_rng(0)
+        )
 
 
 @pytest.mark.parametrize("pos,neg", [(1, 1), (1, 3)])
@@ -214,7 +239,7 @@ def test_pos_neg_rate(pos, neg):
     hits = 0
     for _ in range(draws):
         s = T.sample_crop_start(shape, roi, fg, bg, rng, pos, neg)
-        hits += bool(label[s[0]:s[0] + 16, s[1]:s[1] + 16, s[2]:s[2] + 16].any())
+        hits += bool(label[s[0] : s[0] + 16, s[1] : s[1] + 16, s[2] : s[2] + 16].any())
     p = pos / (pos + neg)
     sd = np.sqrt(p * (1 - p) / draws)
     assert abs(hits / draws - p) < 4 * sd, (hits, draws, p)
@@ -238,8 +263,9 @@ def record(tmp_path_factory):
 
 def test_train_sample_shapes_dtypes_and_alignment(record):
     rec, image, label = record
-    cfg = T.TransformConfig(roi=(8, 8, 8), flip_prob=0.5, rot90_prob=0.5,
-                            scale_intensity_prob=0.0, shift_intensity_prob=0.0)
+    cfg = T.TransformConfig(
+        roi=(8, 8, 8), flip_prob=0.5, rot90_prob=0.5, scale_intensity_prob=0.0, shift_intensity_prob=0.0
+    )
     fg_hits = 0
     for seed in range(40):
         out = T.train_sample(rec, np.random.default_rng(seed), cfg)
@@ -258,8 +284,9 @@ def test_train_sample_shapes_dtypes_and_alignment(record):
 
 def test_train_sample_is_seeded_and_matches_manual_pipeline(record):
     rec, image, label = record
-    cfg = T.TransformConfig(roi=(8, 8, 8), flip_prob=0.5, rot90_prob=0.5,
-                            scale_intensity_prob=0.5, shift_intensity_prob=0.5)
+    cfg = T.TransformConfig(
+        roi=(8, 8, 8), flip_prob=0.5, rot90_prob=0.5, scale_intensity_prob=0.5, shift_intensity_prob=0.5
+    )
     fg, bg = cache.load_candidates(rec)
     for seed in range(10):
         out = T.train_sample(rec, np.random.default_rng(seed), cfg)
@@ -275,8 +302,9 @@ def test_train_sample_is_seeded_and_matches_manual_pipeline(record):
 
 
 def test_train_sample_needs_label(tmp_path):
-    rec = cache.write_entry(str(tmp_path / "u"), key="u", modality=0, image=np.ones((8, 8, 8), np.float32),
-                            label=None, meta={})
+    rec = cache.write_entry(
+        str(tmp_path / "u"), key="u", modality=0, image=np.ones((8, 8, 8), np.float32), label=None, meta={}
+    )
     with pytest.raises(ValueError, match="needs a label"):
         T.train_sample(rec, np.random.default_rng(0), T.TransformConfig(roi=(8, 8, 8)))
 

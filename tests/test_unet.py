@@ -36,8 +36,13 @@ class TorchUNetVanilla(torch.nn.Module):
         self.down_path = torch.nn.ModuleList(
             torch.nn.Sequential(
                 *[
-                    res(3, channels[k] if r == 0 else channels[k + 1], channels[k + 1],
-                        strides=strides[k + 1] if r == 0 else 1, **kw)
+                    res(
+                        3,
+                        channels[k] if r == 0 else channels[k + 1],
+                        channels[k + 1],
+                        strides=strides[k + 1] if r == 0 else 1,
+                        **kw,
+                    )
                     for r in range(num_res_units)
                 ]
             )
@@ -209,8 +214,14 @@ def test_dropout_is_random_in_train_and_off_in_eval(tiny):
 
 def test_readme_best_parameter_count():
     model = build_model(
-        dict(name="unet_vanilla", out_channels=8, channels=[16, 64, 128, 256, 512],
-             strides=[1, 2, 2, 2, 1], num_res_units=3, num_modalities=2)
+        dict(
+            name="unet_vanilla",
+            out_channels=8,
+            channels=[16, 64, 128, 256, 512],
+            strides=[1, 2, 2, 2, 1],
+            num_res_units=3,
+            num_modalities=2,
+        )
     )
     x = jax.ShapeDtypeStruct((1, 8, 8, 8, 1), jnp.float32)
     mod = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -244,7 +255,9 @@ def test_config_validation(kw, msg):
 def test_input_validation():
     model = _make_model()
     with pytest.raises(ValueError, match="divisible by prod"):
-        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 10, 16, 16, 1)), jnp.zeros((1,), jnp.int32))
+        jax.eval_shape(
+            model.init, jax.random.key(0), jnp.zeros((1, 10, 16, 16, 1)), jnp.zeros((1,), jnp.int32)
+        )
     with pytest.raises(ValueError, match="modality id per sample"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)))
 
@@ -266,14 +279,34 @@ def test_readme_best_c_unet_matches_pytorch_through_load_mi_seg():
     channels, strides = (16, 64, 128, 256, 512), (1, 2, 2, 2, 1)
     tmodel = TorchUNetVanilla(channels, strides, 3, 1, 8).eval()
     sd = _mi_seg_state_dict(tmodel, rng)
-    argv = ["--model=unet_vanilla", "--encoder_norm_name=instance_cond", "--feature_size", "16", "64", "128",
-            "256", "512", "--num_res_units=3", "--strides", "1", "2", "2", "2", "1", "--out_channels=8"]
+    argv = [
+        "--model=unet_vanilla",
+        "--encoder_norm_name=instance_cond",
+        "--feature_size",
+        "16",
+        "64",
+        "128",
+        "256",
+        "512",
+        "--num_res_units=3",
+        "--strides",
+        "1",
+        "2",
+        "2",
+        "2",
+        "1",
+        "--out_channels=8",
+    ]
     model, params = load_mi_seg({"state_dict": sd}, argv)
     x = rng.standard_normal((2, 16, 16, 16, 1)).astype(np.float32)
     out = np.asarray(jax.jit(model.apply)({"params": params}, x, jnp.array([0, 1], jnp.int32)))
     for b in range(2):
         tmodel.load_state_dict(_torch_state_for_modality(sd, b), strict=True)
         with torch.no_grad():
-            ref = tmodel(torch.from_numpy(x[b : b + 1]).permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1).numpy()[0]
+            ref = (
+                tmodel(torch.from_numpy(x[b : b + 1]).permute(0, 4, 1, 2, 3))
+                .permute(0, 2, 3, 4, 1)
+                .numpy()[0]
+            )
         err = np.abs(out[b] - ref).max()
         assert err <= 1e-4 * max(1.0, np.abs(ref).max()), f"modality {b}: max abs err {err}"

@@ -58,8 +58,12 @@ def _read_events(path):
 
 
 def _scalars(events):
-    return {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value
-            if v.WhichOneof("value") == "simple_value"}
+    return {
+        (e.step, v.tag): v.simple_value
+        for e in events
+        for v in e.summary.value
+        if v.WhichOneof("value") == "simple_value"
+    }
 
 
 def test_jsonl_and_tensorboard(tmp_path):
@@ -70,8 +74,14 @@ def test_jsonl_and_tensorboard(tmp_path):
         writer.write_hparams({"model": {"features": 8}, "lr": 1e-3})
     records = _read_jsonl(tmp_path / "metrics.jsonl")
     assert records[0] == {"step": 1, "split": "train", "loss": 0.5, "lr": pytest.approx(1e-3), "n": 4}
-    assert records[1] == {"step": 2, "split": "train", "loss": None, "grad_norm": None, "x": None,
-                          "nonfinite": {"loss": "nan", "grad_norm": "inf", "x": "-inf"}}
+    assert records[1] == {
+        "step": 2,
+        "split": "train",
+        "loss": None,
+        "grad_norm": None,
+        "x": None,
+        "nonfinite": {"loss": "nan", "grad_norm": "inf", "x": "-inf"},
+    }
     assert records[2] == {"step": 2, "split": "eval", "mean_dice": 0.75, "CT/LV/dice": 0.9, "note": "ok"}
 
     (train_file,) = glob.glob(str(tmp_path / "tb" / "train" / "events.out.tfevents.*"))
@@ -82,8 +92,12 @@ def test_jsonl_and_tensorboard(tmp_path):
     assert train[(1, "n")] == 4.0
     assert math.isnan(train[(2, "loss")]) and train[(2, "grad_norm")] == math.inf
     assert _scalars(_read_events(eval_file))[(2, "CT/LV/dice")] == pytest.approx(0.9)
-    texts = [v.tensor.string_val[0].decode() for e in train_events for v in e.summary.value
-             if v.tag.startswith("config")]
+    texts = [
+        v.tensor.string_val[0].decode()
+        for e in train_events
+        for v in e.summary.value
+        if v.tag.startswith("config")
+    ]
     assert texts and "`model.features` | `8`" in texts[0]
 
 
@@ -106,7 +120,10 @@ def test_resume_appends_and_drops_replayed_steps(tmp_path):
         writer.drop_after(2)  # resumed from the step-2 checkpoint
         writer.write_scalars(3, {"loss": 0.3})
     assert [(r["step"], r["loss"]) for r in _read_jsonl(tmp_path / "metrics.jsonl")] == [
-        (1, 1.0), (2, 0.5), (3, 0.3)]
+        (1, 1.0),
+        (2, 0.5),
+        (3, 0.3),
+    ]
 
 
 def test_non_main_process_writes_nothing(tmp_path):
@@ -115,8 +132,10 @@ def test_non_main_process_writes_nothing(tmp_path):
         writer.write_hparams({"a": 1})
         writer.drop_after(0)
     image = np.zeros((8, 8, 8), np.float32)
-    assert save_modality_panels(tmp_path / "w", 1, {"CT": (image, image, image)}, num_classes=2,
-                                is_main=False) == []
+    assert (
+        save_modality_panels(tmp_path / "w", 1, {"CT": (image, image, image)}, num_classes=2, is_main=False)
+        == []
+    )
     out = io.StringIO()
     bar = ProgressBar(10, is_main=False, file=out, log_every=1)
     bar.update(1, loss=0.1)
@@ -135,7 +154,10 @@ def test_progress_lines_when_not_a_tty():
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
     assert [line.split(" | ")[0] for line in lines[:3]] == [
-        "train step 4/10 (40%)", "train step 8/10 (80%)", "train step 10/10 (100%)"]
+        "train step 4/10 (40%)",
+        "train step 8/10 (80%)",
+        "train step 10/10 (100%)",
+    ]
     assert "loss 0.2500" in lines[0] and "data-wait 2.0 ms/step" in lines[0]
     assert "crops/s" in lines[0] and "ETA" in lines[0]
     assert lines[2].endswith("ETA 00:00") and lines[3] == "eval done"
@@ -169,8 +191,9 @@ def test_panel_size_and_class_colors(tmp_path):
     label[2:10, 2:4, 2:18] = 3
     pred = np.zeros(shape, np.int32)
     pred[5:9, 6:12, 7:15] = 2
-    path = save_panel_png(tmp_path / "p.png", image, label, pred, title="CT", num_classes=num_classes,
-                          scale=scale)
+    path = save_panel_png(
+        tmp_path / "p.png", image, label, pred, title="CT", num_classes=num_classes, scale=scale
+    )
     panel = np.asarray(Image.open(path).convert("RGB"))
     tile = max(shape) * scale
     assert panel.shape == (PANEL_TITLE_H + 3 * tile + 4 * PANEL_PAD, 3 * tile + 4 * PANEL_PAD, 3)
@@ -212,10 +235,15 @@ def test_modality_panels_paths(tmp_path):
     lab = np.zeros((8, 8, 8), np.int32)
     lab[3:5, 3:5, 3:5] = 1
     paths = save_modality_panels(
-        tmp_path, 120,
+        tmp_path,
+        120,
         {"CT": (vol, lab, lab), "MR": {"image": vol[..., None], "label": lab, "pred": lab}},
-        num_classes=2, is_main=True)
-    assert paths == [str(tmp_path / "eval" / "panels" / "step_000120_CT.png"),
-                     str(tmp_path / "eval" / "panels" / "step_000120_MR.png")]
+        num_classes=2,
+        is_main=True,
+    )
+    assert paths == [
+        str(tmp_path / "eval" / "panels" / "step_000120_CT.png"),
+        str(tmp_path / "eval" / "panels" / "step_000120_MR.png"),
+    ]
     for p in paths:
         assert Image.open(p).format == "PNG"

@@ -21,8 +21,11 @@ from cinjax.data.datalist import SPLITS
 from cinjax.data.io import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).", lock_config=True)
-_SPLITS = flags.DEFINE_list("splits", None, f"Splits to check / prepare (default: verify {','.join(SPLITS)}; "
-                            "prepare training,validation).")
+_SPLITS = flags.DEFINE_list(
+    "splits",
+    None,
+    f"Splits to check / prepare (default: verify {','.join(SPLITS)}; prepare training,validation).",
+)
 _WORKERS = flags.DEFINE_integer("workers", None, "Processes (default: config.data.preprocess_workers).")
 
 _USAGE = "usage: python -m cinjax.data {verify,prepare} --config CONFIG.py"
@@ -53,8 +56,10 @@ def main(argv: list[str]) -> int:
             for p in problems:
                 print(f"- {p}", file=sys.stderr)
             return 1
-        print(f"OK: every datalist entry and volume of {', '.join(splits)} is usable "
-              f"({time.perf_counter() - start:.1f} s).")
+        print(
+            f"OK: every datalist entry and volume of {', '.join(splits)} is usable "
+            f"({time.perf_counter() - start:.1f} s)."
+        )
         return 0
     splits = tuple(_SPLITS.value or ("training", "validation"))
     try:
@@ -65,8 +70,10 @@ def main(argv: list[str]) -> int:
     for split, by_mod in prepared.records.items():
         counts = ", ".join(f"{name}: {len(recs)}" for name, recs in by_mod.items())
         print(f"{split}: {counts}")
-    print(f"cache {prepared.cache_dir}: {prepared.written} entries written, the rest reused "
-          f"({time.perf_counter() - start:.1f} s).")
+    print(
+        f"cache {prepared.cache_dir}: {prepared.written} entries written, the rest reused "
+        f"({time.perf_counter() - start:.1f} s)."
+    )
     return 0
 
 

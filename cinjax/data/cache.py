@@ -103,8 +103,9 @@ def write_entry(
                 os.path.join(tmp, "bg.npy"),
                 np.flatnonzero((flat_label == 0) & (image.reshape(-1) > 0)),
             )
-        full_meta = dict(meta, key=key, modality=int(modality), shape=list(image.shape),
-                         has_label=label is not None)
+        full_meta = dict(
+            meta, key=key, modality=int(modality), shape=list(image.shape), has_label=label is not None
+        )
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(full_meta, f, indent=1)
         if os.path.exists(path):

@@ -15,22 +15,26 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.json_lists = ("CT_fold1.json", "MR.json")
     c.data_dirs = ()
     c.modalities = {"CT": 0, "MR": 1}
-    c.mmwhs = ml_collections.ConfigDict({
-        "validation_ids": {k: tuple(v) for k, v in MMWHS_VALIDATION_IDS.items()},
-        "image_suffix": "image",
-        "label_suffix": "label",
-    })
+    c.mmwhs = ml_collections.ConfigDict(
+        {
+            "validation_ids": {k: tuple(v) for k, v in MMWHS_VALIDATION_IDS.items()},
+            "image_suffix": "image",
+            "label_suffix": "label",
+        }
+    )
     # "identity" | "mmwhs" | {code: class}: a reference typed `object` so a config may assign any of them.
     c.label_codes = ml_collections.FieldReference("identity", field_type=object)
     c.num_classes = 8
     c.class_names = MMWHS_CLASS_NAMES
     c.spacing = (1.0, 1.0, 1.0)
     c.roi = (96, 96, 96)
-    c.intensity = ml_collections.ConfigDict({
-        "mode": "minmax",
-        "window": (-175.0, 250.0),
-        "percentiles": (0.5, 99.5),
-    })
+    c.intensity = ml_collections.ConfigDict(
+        {
+            "mode": "minmax",
+            "window": (-175.0, 250.0),
+            "percentiles": (0.5, 99.5),
+        }
+    )
     c.intensity_by_modality = ml_collections.ConfigDict()
     c.affine_atol = 1e-3
     c.cache_dir = ""

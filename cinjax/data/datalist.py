@@ -76,16 +76,19 @@ def resolve_modality(value: Any, modalities: Mapping[str, int], where: str) -> i
     known = ", ".join(f"{k}={v}" for k, v in modalities.items())
     if isinstance(value, Mapping):  # Medical-Decathlon style channel dict {"0": "CT"}
         if len(value) != 1:
-            raise DataError(f"{where}: modality {dict(value)} has {len(value)} channels; cinjax takes "
-                            "one-channel volumes with one modality each.")
+            raise DataError(
+                f"{where}: modality {dict(value)} has {len(value)} channels; cinjax takes "
+                "one-channel volumes with one modality each."
+            )
         value = next(iter(value.values()))
     if isinstance(value, bool):
         raise DataError(f"{where}: modality {value!r} is not an id or a name (known: {known}).")
     if isinstance(value, (int,)) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
         mid = int(value)
         if mid not in modalities.values():
-            raise DataError(f"{where}: modality id {mid} is not configured (known: {known}); add it to "
-                            "data.modalities.")
+            raise DataError(
+                f"{where}: modality id {mid} is not configured (known: {known}); add it to data.modalities."
+            )
         return mid
     if isinstance(value, str):
         for name, mid in modalities.items():
@@ -106,20 +109,30 @@ def label_code_map(spec: Any, num_classes: int) -> dict[int, int]:
         if spec == "mmwhs":
             codes = dict(MMWHS_CODES)
         else:
-            raise DataError(f"data.label_codes={spec!r}: expected 'identity', 'mmwhs' or a "
-                            "{code: class} map.")
+            raise DataError(
+                f"data.label_codes={spec!r}: expected 'identity', 'mmwhs' or a {{code: class}} map."
+            )
     else:
         codes = {int(k): int(v) for k, v in dict(spec).items()}
     codes = {0: 0, **codes}
     bad = {k: v for k, v in codes.items() if not 0 <= v < num_classes}
     if bad:
-        raise DataError(f"data.label_codes maps {bad} outside classes 0..{num_classes - 1} "
-                        f"(data.num_classes={num_classes}).")
+        raise DataError(
+            f"data.label_codes maps {bad} outside classes 0..{num_classes - 1} "
+            f"(data.num_classes={num_classes})."
+        )
     return codes
 
 
-def _entry(raw: Any, split: str, base: str, file_modality: Any, modalities: Mapping[str, int],
-           source: str, index: int) -> Entry:
+def _entry(
+    raw: Any,
+    split: str,
+    base: str,
+    file_modality: Any,
+    modalities: Mapping[str, int],
+    source: str,
+    index: int,
+) -> Entry:
     where = f"{source} [{split}][{index}]"
     if isinstance(raw, str):
         raw = {"image": raw}
@@ -141,8 +154,9 @@ def _entry(raw: Any, split: str, base: str, file_modality: Any, modalities: Mapp
     )
 
 
-def read_datalist(json_path: str, data_dir: str | None, modalities: Mapping[str, int],
-                  problems: list[str] | None = None) -> dict[str, list[Entry]]:
+def read_datalist(
+    json_path: str, data_dir: str | None, modalities: Mapping[str, int], problems: list[str] | None = None
+) -> dict[str, list[Entry]]:
     """Read one MI-Seg / Decathlon datalist JSON -> entries per split (missing splits are empty).
 
     Paths are relative to ``data_dir`` (default: the JSON's directory). Bad entries raise
@@ -187,9 +201,14 @@ def read_datalist(json_path: str, data_dir: str | None, modalities: Mapping[str,
 _MMWHS_RE = r"^{prefix}_{part}_(\d+)_{suffix}\.nii(\.gz)?$"
 
 
-def discover_mmwhs(root: str, modalities: Mapping[str, int], validation_ids: Mapping[str, Sequence[int]],
-                   image_suffix: str = "image", label_suffix: str = "label",
-                   problems: list[str] | None = None) -> dict[str, list[Entry]]:
+def discover_mmwhs(
+    root: str,
+    modalities: Mapping[str, int],
+    validation_ids: Mapping[str, Sequence[int]],
+    image_suffix: str = "image",
+    label_suffix: str = "label",
+    problems: list[str] | None = None,
+) -> dict[str, list[Entry]]:
     """Entries from the MM-WHS folder layout under ``root``.
 
     ``<root>/<m>_train/<m>_train_<id>_<image_suffix>.nii.gz`` with ``…_<label_suffix>.nii.gz`` beside it
@@ -203,8 +222,9 @@ def discover_mmwhs(root: str, modalities: Mapping[str, int], validation_ids: Map
         train_dir = os.path.join(root, f"{prefix}_train")
         val_ids = {int(i) for i in validation_ids.get(name, ())}
         if os.path.isdir(train_dir):
-            pattern = re.compile(_MMWHS_RE.format(prefix=prefix, part="train",
-                                                  suffix=re.escape(image_suffix)))
+            pattern = re.compile(
+                _MMWHS_RE.format(prefix=prefix, part="train", suffix=re.escape(image_suffix))
+            )
             found = set()
             for fname in sorted(os.listdir(train_dir)):
                 m = pattern.match(fname)
@@ -222,8 +242,10 @@ def discover_mmwhs(root: str, modalities: Mapping[str, int], validation_ids: Map
                 out[split].append(Entry(image, label, int(mid), split, train_dir))
             missing = sorted(val_ids - found)
             if missing:
-                fails.append(f"{train_dir}: validation ids {missing} (data.mmwhs.validation_ids['{name}']) "
-                             "have no image file.")
+                fails.append(
+                    f"{train_dir}: validation ids {missing} (data.mmwhs.validation_ids['{name}']) "
+                    "have no image file."
+                )
         test_dir = os.path.join(root, f"{prefix}_test")
         if os.path.isdir(test_dir):
             pattern = re.compile(_MMWHS_RE.format(prefix=prefix, part="test", suffix="image"))
@@ -231,9 +253,11 @@ def discover_mmwhs(root: str, modalities: Mapping[str, int], validation_ids: Map
                 if pattern.match(fname):
                     out["test"].append(Entry(os.path.join(test_dir, fname), None, int(mid), "test", test_dir))
     if not any(out.values()):
-        fails.append(f"{root}: no MM-WHS volumes found; expected e.g. "
-                     f"{os.path.join(root, 'ct_train', 'ct_train_1001_' + image_suffix + '.nii.gz')} for "
-                     f"modalities {list(modalities)}.")
+        fails.append(
+            f"{root}: no MM-WHS volumes found; expected e.g. "
+            f"{os.path.join(root, 'ct_train', 'ct_train_1001_' + image_suffix + '.nii.gz')} for "
+            f"modalities {list(modalities)}."
+        )
     if fails and problems is None:
         raise DataError("\n".join(fails))
     if problems is not None:
@@ -247,8 +271,9 @@ def collect_entries(data: Any, problems: list[str] | None = None) -> dict[str, l
     root = os.path.abspath(os.path.expanduser(data.root))
     if data.layout == "mmwhs":
         mm = data.mmwhs
-        return discover_mmwhs(root, modalities, dict(mm.validation_ids), mm.image_suffix, mm.label_suffix,
-                              problems=problems)
+        return discover_mmwhs(
+            root, modalities, dict(mm.validation_ids), mm.image_suffix, mm.label_suffix, problems=problems
+        )
     if data.layout != "json":
         raise DataError(f"data.layout={data.layout!r}: expected 'json' or 'mmwhs'.")
     json_lists = list(data.json_lists)
@@ -256,8 +281,10 @@ def collect_entries(data: Any, problems: list[str] | None = None) -> dict[str, l
         raise DataError("data.json_lists is empty; list at least one datalist JSON (e.g. 'CT_fold1.json').")
     data_dirs = list(data.data_dirs) or [""] * len(json_lists)
     if len(data_dirs) != len(json_lists):
-        raise DataError(f"data.data_dirs has {len(data_dirs)} entries but data.json_lists has "
-                        f"{len(json_lists)}; give one data dir per datalist (or none).")
+        raise DataError(
+            f"data.data_dirs has {len(data_dirs)} entries but data.json_lists has "
+            f"{len(json_lists)}; give one data dir per datalist (or none)."
+        )
     out: dict[str, list[Entry]] = {s: [] for s in SPLITS}
     for json_name, sub in zip(json_lists, data_dirs):
         data_dir = os.path.join(root, sub)

@@ -56,8 +56,10 @@ def _open(path: str, what: str) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises several types for unreadable headers
-        raise DataError(f"{path}: cannot read the {what} as NIfTI ({type(e).__name__}: {e}). "
-                        "The file is corrupt, truncated or not NIfTI; re-export or re-download it.") from e
+        raise DataError(
+            f"{path}: cannot read the {what} as NIfTI ({type(e).__name__}: {e}). "
+            "The file is corrupt, truncated or not NIfTI; re-export or re-download it."
+        ) from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{path}: {what} is a {type(img).__name__}, expected a NIfTI (.nii / .nii.gz) file.")
     return img
@@ -67,14 +69,18 @@ def _read_array(img: nib.Nifti1Image, path: str, what: str) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)
     except (EOFError, OSError, ValueError, zlib.error) as e:
-        raise DataError(f"{path}: the {what} voxel data is corrupt or truncated ({type(e).__name__}: {e}). "
-                        "Re-export or re-download the file.") from e
+        raise DataError(
+            f"{path}: the {what} voxel data is corrupt or truncated ({type(e).__name__}: {e}). "
+            "Re-export or re-download the file."
+        ) from e
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise DataError(f"{path}: the {what} has shape {tuple(img.shape)}; expected a 3D volume "
-                        "(a trailing singleton 4th dimension is accepted). Split multi-channel or "
-                        "time-series files into one 3D file per volume.")
+        raise DataError(
+            f"{path}: the {what} has shape {tuple(img.shape)}; expected a 3D volume "
+            "(a trailing singleton 4th dimension is accepted). Split multi-channel or "
+            "time-series files into one 3D file per volume."
+        )
     return data
 
 
@@ -98,23 +104,30 @@ def load_label(path: str) -> tuple[np.ndarray, Geometry]:
             raise DataError(f"{path}: label has NaN/inf voxels.")
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):
-            raise DataError(f"{path}: label has non-integer values (e.g. {data[rounded != data].flat[0]}); "
-                            "a label map must hold integer class codes.")
+            raise DataError(
+                f"{path}: label has non-integer values (e.g. {data[rounded != data].flat[0]}); "
+                "a label map must hold integer class codes."
+            )
         data = rounded.astype(np.int64)
     return np.ascontiguousarray(data), Geometry(np.asarray(img.affine, np.float64), tuple(data.shape))
 
 
-def check_pair(image_path: str, image_geom: Geometry, label_path: str, label_geom: Geometry,
-               affine_atol: float = 1e-3) -> None:
+def check_pair(
+    image_path: str, image_geom: Geometry, label_path: str, label_geom: Geometry, affine_atol: float = 1e-3
+) -> None:
     """Image and label must share one voxel grid (same shape, affines equal within ``affine_atol`` mm)."""
     if image_geom.shape != label_geom.shape:
-        raise DataError(f"{label_path}: label shape {label_geom.shape} does not match image shape "
-                        f"{image_geom.shape} of {image_path}.")
+        raise DataError(
+            f"{label_path}: label shape {label_geom.shape} does not match image shape "
+            f"{image_geom.shape} of {image_path}."
+        )
     diff = float(np.max(np.abs(image_geom.affine - label_geom.affine)))
     if diff > affine_atol:
-        raise DataError(f"{label_path}: label affine differs from the affine of {image_path} by up to "
-                        f"{diff:.3g} (tolerance {affine_atol:g}); image and label must share a voxel grid. "
-                        f"Label affine:\n{label_geom.affine}\nimage affine:\n{image_geom.affine}")
+        raise DataError(
+            f"{label_path}: label affine differs from the affine of {image_path} by up to "
+            f"{diff:.3g} (tolerance {affine_atol:g}); image and label must share a voxel grid. "
+            f"Label affine:\n{label_geom.affine}\nimage affine:\n{image_geom.affine}"
+        )
 
 
 def map_label_codes(label: np.ndarray, codes: Mapping[int, int], path: str) -> np.ndarray:
@@ -135,8 +148,10 @@ def map_label_codes(label: np.ndarray, codes: Mapping[int, int], path: str) -> n
         hint = ""
         if set(unknown) & {205, 420, 500, 550, 600, 820, 850}:
             hint = " These look like MM-WHS codes: set data.label_codes = 'mmwhs'."
-        raise DataError(f"{path}: label values {unknown[:10]} are not in the label code map "
-                        f"(known codes {sorted(table)}).{hint}")
+        raise DataError(
+            f"{path}: label values {unknown[:10]} are not in the label code map "
+            f"(known codes {sorted(table)}).{hint}"
+        )
     if offset is not None:
         lut = np.zeros(hi - lo + 1, np.uint8)
         for v in values:

@@ -35,7 +35,8 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -92,7 +93,9 @@ class PhantomConfig:
             codes = getattr(self, name)
             axes = sorted(_AXIS_DIRECTIONS[c][0] for c in codes if c in _AXIS_DIRECTIONS)
             if len(codes) != 3 or axes != [0, 1, 2]:
-                raise ValueError(f"{name}={codes!r}: need one of R/L, A/P, S/I per axis, e.g. 'RAS' or 'PLS'.")
+                raise ValueError(
+                    f"{name}={codes!r}: need one of R/L, A/P, S/I per axis, e.g. 'RAS' or 'PLS'."
+                )
         if not 0.0 <= self.wall_mm <= 6.0:
             raise ValueError(f"wall_mm={self.wall_mm}: walls between blood pools must be 0-6 mm thick.")
         for modality, n in (("CT", self.num_ct), ("MR", self.num_mr)):
@@ -144,7 +147,7 @@ def _polyline(rng: np.random.Generator, points, radius_range) -> list[tuple[np.n
     per segment."""
     pts = [np.asarray(p, np.float64) + rng.uniform(-2.5, 2.5, 3) for p in points]
     r = float(rng.uniform(*radius_range))
-    return [(a, b, r * 0.9 ** i) for i, (a, b) in enumerate(zip(pts[:-1], pts[1:]))]
+    return [(a, b, r * 0.9**i) for i, (a, b) in enumerate(zip(pts[:-1], pts[1:]))]
 
 
 def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
@@ -162,8 +165,9 @@ def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
 
     heart = {
         "center": np.array([-8.0, 6.0, 0.0]) + rng.uniform([-5, -4, -5], [5, 4, 5]),
-        "rotation": Rotation.from_euler("xyz", rng.uniform([-15, -15, -20], [15, 15, 20]),
-                                        degrees=True).as_matrix(),
+        "rotation": Rotation.from_euler(
+            "xyz", rng.uniform([-15, -15, -20], [15, 15, 20]), degrees=True
+        ).as_matrix(),
         "scale": float(rng.uniform(1.2, 1.45)),
         "myo_mm": float(rng.uniform(4.5, 6.0)),
         # Heart-local (RAS) layout; ellipsoid frames have the long axis last.
@@ -176,9 +180,16 @@ def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
         # on the left atrium and the inferior vena cava below the right atrium.
         "ao": _polyline(rng, [[-1, -3, 4], [3, -6, 30], [-2, -16, 42], [-12, -26, 40]], (6.0, 7.5)),
         "pa": _polyline(rng, [[-3, 18, 4], [-10, 8, 28], [-28, -4, 30]], (6.0, 7.5)),
-        "la_veins": [seg for a, b in (([-14, -24, 18], [-30, -28, 22]), ([-14, -24, 10], [-30, -28, 6]),
-                                      ([2, -24, 18], [16, -28, 22]), ([2, -24, 10], [16, -28, 6]))
-                     for seg in _polyline(rng, [a, b], (3.5, 4.5))],
+        "la_veins": [
+            seg
+            for a, b in (
+                ([-14, -24, 18], [-30, -28, 22]),
+                ([-14, -24, 10], [-30, -28, 6]),
+                ([2, -24, 18], [16, -28, 22]),
+                ([2, -24, 10], [16, -28, 6]),
+            )
+            for seg in _polyline(rng, [a, b], (3.5, 4.5))
+        ],
         "ivc": _polyline(rng, [[18, -6, -2], [14, -4, -40]], (5.0, 6.5)),
         "warp": [_warp_component(rng) for _ in range(4)],
     }
@@ -193,20 +204,32 @@ def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
     }
     blood_l = rng.uniform(380, 480)
     ct = {  # contrast timing of a coronary CTA: the right heart is less opacified than the left
-        LUNG: rng.uniform(-850, -780), FAT: rng.uniform(-110, -80), SOFT: rng.uniform(30, 55),
-        BONE: rng.uniform(450, 650), MYO: rng.uniform(125, 165),
-        BLOOD_L: blood_l, BLOOD_R: blood_l - rng.uniform(80, 140), AIR: -1000.0,
-        "noise": rng.uniform(12, 25), "blur_mm": rng.uniform(0.8, 1.2),
+        LUNG: rng.uniform(-850, -780),
+        FAT: rng.uniform(-110, -80),
+        SOFT: rng.uniform(30, 55),
+        BONE: rng.uniform(450, 650),
+        MYO: rng.uniform(125, 165),
+        BLOOD_L: blood_l,
+        BLOOD_R: blood_l - rng.uniform(80, 140),
+        AIR: -1000.0,
+        "noise": rng.uniform(12, 25),
+        "blur_mm": rng.uniform(0.8, 1.2),
     }
     mr = {
-        LUNG: rng.uniform(20, 60), FAT: rng.uniform(550, 700), SOFT: rng.uniform(200, 260),
-        BONE: rng.uniform(300, 420), MYO: rng.uniform(130, 180),
-        BLOOD_L: rng.uniform(700, 850), BLOOD_R: rng.uniform(680, 850), AIR: 0.0,
-        "noise": rng.uniform(12, 25), "blur_mm": rng.uniform(1.0, 1.5),
-        "gain": rng.uniform(0.8, 1.2), "bias": rng.uniform(-0.25, 0.25, 9),
+        LUNG: rng.uniform(20, 60),
+        FAT: rng.uniform(550, 700),
+        SOFT: rng.uniform(200, 260),
+        BONE: rng.uniform(300, 420),
+        MYO: rng.uniform(130, 180),
+        BLOOD_L: rng.uniform(700, 850),
+        BLOOD_R: rng.uniform(680, 850),
+        AIR: 0.0,
+        "noise": rng.uniform(12, 25),
+        "blur_mm": rng.uniform(1.0, 1.5),
+        "gain": rng.uniform(0.8, 1.2),
+        "bias": rng.uniform(-0.25, 0.25, 9),
     }
-    return {"heart": heart, "thorax": thorax, "ct": ct, "mr": mr,
-            "fov_jitter": rng.uniform(-4, 4, 3)}
+    return {"heart": heart, "thorax": thorax, "ct": ct, "mr": mr, "fov_jitter": rng.uniform(-4, 4, 3)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,13 +289,16 @@ def _heart(p: np.ndarray, heart: dict[str, Any], wall_mm: float) -> tuple[np.nda
     lv = _ellipsoid_sdf(q, lv_c, lv_a, lv_f)
     epi = _ellipsoid_sdf(q, lv_c, lv_a + heart["myo_mm"], lv_f)
     rv = np.maximum(_ellipsoid_sdf(q, *heart["rv"]), -epi)  # the RV wraps around the septum
-    sdf = np.stack([
-        epi, rv,
-        _union(_ellipsoid_sdf(q, *heart["la"]), q, heart["la_veins"]),
-        _union(_ellipsoid_sdf(q, *heart["ra"]), q, heart["ivc"]),
-        _union(None, q, heart["ao"]),
-        _union(None, q, heart["pa"]),
-    ])
+    sdf = np.stack(
+        [
+            epi,
+            rv,
+            _union(_ellipsoid_sdf(q, *heart["la"]), q, heart["la_veins"]),
+            _union(_ellipsoid_sdf(q, *heart["ra"]), q, heart["ivc"]),
+            _union(None, q, heart["ao"]),
+            _union(None, q, heart["pa"]),
+        ]
+    )
     sdf *= np.float32(s)
     owner = np.argmin(sdf, axis=0)
     n = np.arange(sdf.shape[1])
@@ -310,12 +336,14 @@ def _thorax(p: np.ndarray, thorax: dict[str, Any]) -> np.ndarray:
     tissue[r_inner < 1] = SOFT
     lung_x = thorax["lung_dx"] * bx
     for side in (-1, 1):
-        r_lung = np.sqrt(((x - side * lung_x) / (0.4 * bx)) ** 2 + ((y + 4) / (0.72 * by)) ** 2
-                         + (z / 90.0) ** 2)
+        r_lung = np.sqrt(
+            ((x - side * lung_x) / (0.4 * bx)) ** 2 + ((y + 4) / (0.72 * by)) ** 2 + (z / 90.0) ** 2
+        )
         tissue[(r_lung < 1) & (r_inner < 0.93)] = LUNG
     spine = np.hypot(x, y + by - 20) < thorax["spine_radius"]
-    ribs = ((np.abs(r_inner - 0.9) < 3.0 / bx) & (np.cos(2 * np.pi * z / thorax["rib_period"]
-                                                          + thorax["rib_phase"]) > 0.55))
+    ribs = (np.abs(r_inner - 0.9) < 3.0 / bx) & (
+        np.cos(2 * np.pi * z / thorax["rib_period"] + thorax["rib_phase"]) > 0.55
+    )
     tissue[spine | ribs] = BONE
     return tissue
 
@@ -341,10 +369,16 @@ def render(
     heart = subject["heart"]
     center = heart["center"] + np.array([4.0, -4.0, 8.0]) + subject["fov_jitter"]
     affine = axcodes_affine(shape, spacing, axcodes, center)
-    axes = [np.arange(n, dtype=np.float32).reshape([-1 if i == k else 1 for i in range(3)])
-            for k, n in enumerate(shape)]
-    p = np.stack([sum(np.float32(affine[j, k]) * axes[k] for k in range(3)) + np.float32(affine[j, 3])
-                  for j in range(3)]).reshape(3, -1)  # world mm of every voxel centre, (3, N)
+    axes = [
+        np.arange(n, dtype=np.float32).reshape([-1 if i == k else 1 for i in range(3)])
+        for k, n in enumerate(shape)
+    ]
+    p = np.stack(
+        [
+            sum(np.float32(affine[j, k]) * axes[k] for k in range(3)) + np.float32(affine[j, 3])
+            for j in range(3)
+        ]
+    ).reshape(3, -1)  # world mm of every voxel centre, (3, N)
 
     tissue = _thorax(p, subject["thorax"])
     code, heart_tissue, envelope = _heart(p, heart, wall_mm)
@@ -370,7 +404,7 @@ def render(
         noise = noise * contrast["gain"]
         n1 = rng.normal(0, noise, image.shape).astype(np.float32)
         n2 = rng.normal(0, noise, image.shape).astype(np.float32)
-        image = np.sqrt((image + n1) ** 2 + n2 ** 2).astype(np.float32)  # Rician magnitude
+        image = np.sqrt((image + n1) ** 2 + n2**2).astype(np.float32)  # Rician magnitude
     return image, label, affine
 
 
@@ -396,7 +430,7 @@ def _datalist(cfg: PhantomConfig, modality: int, ids: list[int]) -> dict[str, An
     return {
         "name": "MM-WHS phantom",
         "description": f"cinjax synthetic whole-heart {name} phantom (seed {cfg.seed}); label values are "
-                       "MM-WHS codes; test is held out from training and validation.",
+        "MM-WHS codes; test is held out from training and validation.",
         "labels": {str(k): v for k, v in LABEL_NAMES.items()},
         "licence": "Apache-2.0 (synthetic data)",
         "reference": "cinjax.data.phantom",
@@ -407,8 +441,8 @@ def _datalist(cfg: PhantomConfig, modality: int, ids: list[int]) -> dict[str, An
         "numValidation": cfg.num_val,
         "numTest": cfg.num_test,
         "training": entries[:n_train],
-        "validation": entries[n_train:n_train + cfg.num_val],
-        "test": entries[n_train + cfg.num_val:],
+        "validation": entries[n_train : n_train + cfg.num_val],
+        "test": entries[n_train + cfg.num_val :],
     }
 
 
@@ -451,15 +485,26 @@ def generate(
         "datalists": {"CT": os.path.join(root, "CT.json"), "MR": os.path.join(root, "MR.json")},
         "data_dirs": [root, root],
         "json_lists": ["CT.json", "MR.json"],
-        "cases": [{"modality": m, "id": i, "image": os.path.join(root, _case_paths(m, i)[0]),
-                   "label": os.path.join(root, _case_paths(m, i)[1])} for m, i in cases],
+        "cases": [
+            {
+                "modality": m,
+                "id": i,
+                "image": os.path.join(root, _case_paths(m, i)[0]),
+                "label": os.path.join(root, _case_paths(m, i)[1]),
+            }
+            for m, i in cases
+        ],
     }
     old = None
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             old = json.load(f)
-        if (not force and old.get("version") == VERSION and old.get("params") == params
-                and all(os.path.exists(os.path.join(root, f)) for f in files)):
+        if (
+            not force
+            and old.get("version") == VERSION
+            and old.get("params") == params
+            and all(os.path.exists(os.path.join(root, f)) for f in files)
+        ):
             return dict(result, generated=False, seconds=time.perf_counter() - start)
         os.remove(manifest_path)  # the files below are about to change
 
@@ -502,11 +547,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_test", type=int, default=PhantomConfig.num_test)
     parser.add_argument("--force", action="store_true", help="regenerate even if the manifest matches")
     args = parser.parse_args(argv)
-    out = generate(args.root, seed=args.seed, num_ct=args.num_ct, num_mr=args.num_mr,
-                   num_val=args.num_val, num_test=args.num_test, force=args.force)
+    out = generate(
+        args.root,
+        seed=args.seed,
+        num_ct=args.num_ct,
+        num_mr=args.num_mr,
+        num_val=args.num_val,
+        num_test=args.num_test,
+        force=args.force,
+    )
     state = "generated" if out["generated"] else "up to date"
-    print(f"{out['root']}: {len(out['cases'])} cases {state} in {out['seconds']:.1f} s; "
-          f"datalists {out['datalists']['CT']}, {out['datalists']['MR']}")
+    print(
+        f"{out['root']}: {len(out['cases'])} cases {state} in {out['seconds']:.1f} s; "
+        f"datalists {out['datalists']['CT']}, {out['datalists']['MR']}"
+    )
 
 
 if __name__ == "__main__":

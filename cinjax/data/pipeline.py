@@ -2,8 +2,9 @@
 
 Data flow (one grain ``MapDataset`` graph, lazily evaluated)::
 
-    per modality: MapDataset.source(records) → select_from_datasets(EpochShuffle)   (reshuffled every epoch)
-      → select_from_datasets(modalities, ModalitySchedule)   canonical stream: element k = row k % B of step k // B
+    per modality: MapDataset.source(records) → select_from_datasets(EpochShuffle)  (reshuffled each epoch)
+      → select_from_datasets(modalities, ModalitySchedule)   canonical stream: element k = row k % B of
+                                                              step k // B
       → random_map(sample)      crop + augment; rng from (seed, k), so independent of the process layout
       → select_from_datasets([canonical], ProcessRows)        the rows this process's devices hold
       → batch(local rows) → to_iter_dataset (thread prefetch) → optional mp_prefetch (worker processes)
@@ -225,7 +226,9 @@ class _Sample:
         sample = self.fn(record, rng, self.cfg)
         missing = [k for k in REQUIRED_KEYS if k not in sample]
         if missing:
-            raise KeyError(f"Sample function returned keys {sorted(sample)} for {record.key}; missing {missing}.")
+            raise KeyError(
+                f"Sample function returned keys {sorted(sample)} for {record.key}; missing {missing}."
+            )
         return sample
 
 
@@ -245,7 +248,9 @@ def _check_records(records_by_modality: Mapping[str | int, Sequence[VolumeRecord
         if len(found) != 1:
             raise ValueError(f"Modality {key!r} mixes records with modality ids {found}; one id per list.")
         if isinstance(key, (int, np.integer)) and int(key) != found[0]:
-            raise ValueError(f"Records under key {key} carry modality id {found[0]}; keys that are ints must match.")
+            raise ValueError(
+                f"Records under key {key} carry modality id {found[0]}; keys that are ints must match."
+            )
         unlabelled = [r.key for r in records if not r.has_label]
         if unlabelled:
             raise ValueError(f"Modality {key!r}: training needs labels, unlabelled volumes {unlabelled[:5]}.")
@@ -267,7 +272,8 @@ def _resolve_ratios(keys: list, ratios, mode: str) -> tuple[int, ...]:
     if isinstance(ratios, Mapping):
         if set(ratios) != set(keys):
             raise ValueError(
-                f"ratios keys {sorted(map(str, ratios))} must equal the modality keys {sorted(map(str, keys))}."
+                f"ratios keys {sorted(map(str, ratios))} must equal the modality keys "
+                f"{sorted(map(str, keys))}."
             )
         values = [ratios[k] for k in keys]
     else:
@@ -418,11 +424,17 @@ def make_train_loader(
         )
     roi = getattr(transform_cfg if transform_cfg is not None else transforms.TransformConfig(), "roi", None)
     if roi is not None:
-        small = [(r.key, r.shape) for recs in records_by_modality.values() for r in recs
-                 if any(s < c for s, c in zip(r.shape, roi))]
+        small = [
+            (r.key, r.shape)
+            for recs in records_by_modality.values()
+            for r in recs
+            if any(s < c for s, c in zip(r.shape, roi))
+        ]
         if small:
-            raise ValueError(f"Volumes smaller than the crop size {tuple(roi)}: {small[:5]}; preprocessing must "
-                             "pad every volume to at least the ROI (rebuild the cache with this roi).")
+            raise ValueError(
+                f"Volumes smaller than the crop size {tuple(roi)}: {small[:5]}; preprocessing must "
+                "pad every volume to at least the ROI (rebuild the cache with this roi)."
+            )
     if num_workers < 0 or prefetch < 0:
         raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0.")
     schedule = ModalitySchedule(mode, proportions, global_batch_size, global_batch_size // num_shards)
@@ -444,7 +456,9 @@ def make_train_loader(
         grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
     )
     if num_workers > 0:
-        options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch))
+        options = grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)
+        )
         ds = ds.mp_prefetch(options)
     return TrainLoader(
         iter(ds),

@@ -76,8 +76,15 @@ import numpy as np
 import tqdm
 
 from cinjax.data import cache
-from cinjax.data.datalist import (SPLITS, Entry, check_modalities, collect_entries, label_code_map,
-                                  load_entries, modality_names)
+from cinjax.data.datalist import (
+    SPLITS,
+    Entry,
+    check_modalities,
+    collect_entries,
+    label_code_map,
+    load_entries,
+    modality_names,
+)
 from cinjax.data.io import DataError, Geometry, check_pair, load_image, load_label, map_label_codes
 
 VERSION = 1  # bump when the preprocessing output changes for the same settings
@@ -112,8 +119,9 @@ def _zoom_affine(affine: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return out
 
 
-def resampled_grid(affine: np.ndarray, shape: Sequence[int],
-                   spacing: Sequence[float]) -> tuple[np.ndarray, tuple[int, int, int]]:
+def resampled_grid(
+    affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float]
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Affine and shape of MONAI ``Spacing(pixdim=spacing)`` output (``compute_shape_offset``)."""
     shape_f = np.asarray(shape, np.float64)
     new = _zoom_affine(affine, spacing)
@@ -125,7 +133,7 @@ def resampled_grid(affine: np.ndarray, shape: Sequence[int],
     world = affine @ corners
     offset = None
     for i in range(corners.shape[1]):
-        if np.allclose(np.min(all_dist - all_dist[:, i:i + 1], 1), 0.0, rtol=_AFFINE_TOL):
+        if np.allclose(np.min(all_dist - all_dist[:, i : i + 1], 1), 0.0, rtol=_AFFINE_TOL):
             offset = world[:-1, i]
             break
     if offset is None:  # no corner is the minimum on every axis: centre-align (MONAI's fallback)
@@ -134,8 +142,9 @@ def resampled_grid(affine: np.ndarray, shape: Sequence[int],
     return new, tuple(int(s) for s in out_shape)
 
 
-def resample(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
-             dst_shape: Sequence[int], mode: str) -> np.ndarray:
+def resample(
+    array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], mode: str
+) -> np.ndarray:
     """Sample ``array`` (grid ``src_affine``) on the grid (``dst_affine``, ``dst_shape``).
 
     ``mode`` is ``"linear"`` (trilinear, float64 maths, float32 out) or ``"nearest"`` (round half to
@@ -170,8 +179,10 @@ def resample(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
         idx = np.rint(coords).astype(np.int64)
         return array[idx[0], idx[1], idx[2]]
     from scipy import ndimage  # general (sheared) grids only
-    return ndimage.map_coordinates(np.asarray(array, np.float64), coords, order=1,
-                                   mode="nearest").astype(np.float32)
+
+    return ndimage.map_coordinates(np.asarray(array, np.float64), coords, order=1, mode="nearest").astype(
+        np.float32
+    )
 
 
 def pad_amounts(shape: Sequence[int], roi: Sequence[int]) -> list[tuple[int, int]]:
@@ -192,11 +203,16 @@ def intensity_settings(data: Any, modality_name: str) -> dict[str, Any]:
     over = dict(data.intensity_by_modality).get(modality_name)
     if over:
         base.update(dict(over))
-    out = {"mode": str(base["mode"]), "window": [float(v) for v in base["window"]],
-           "percentiles": [float(v) for v in base["percentiles"]]}
+    out = {
+        "mode": str(base["mode"]),
+        "window": [float(v) for v in base["window"]],
+        "percentiles": [float(v) for v in base["percentiles"]],
+    }
     if out["mode"] not in ("minmax", "window", "percentile", "zscore", "none"):
-        raise DataError(f"intensity mode {out['mode']!r} for {modality_name}: expected minmax, window, "
-                        "percentile, zscore or none.")
+        raise DataError(
+            f"intensity mode {out['mode']!r} for {modality_name}: expected minmax, window, "
+            "percentile, zscore or none."
+        )
     return out
 
 
@@ -244,8 +260,14 @@ class Task:
     fingerprint: str = "stat"
 
     def settings(self) -> dict[str, Any]:
-        return {"version": VERSION, "modality": self.entry.modality, "codes": sorted(self.codes.items()),
-                "spacing": list(self.spacing), "roi": list(self.roi), "intensity": self.intensity}
+        return {
+            "version": VERSION,
+            "modality": self.entry.modality,
+            "codes": sorted(self.codes.items()),
+            "spacing": list(self.spacing),
+            "roi": list(self.roi),
+            "intensity": self.intensity,
+        }
 
 
 def _load_checked(task: Task) -> tuple[list[str], np.ndarray | None, Geometry | None, np.ndarray | None]:
@@ -270,8 +292,10 @@ def _load_checked(task: Task) -> tuple[list[str], np.ndarray | None, Geometry | 
         except DataError as err:
             problems.append(str(err))
     if label is not None and task.needs_foreground and not label.any():
-        problems.append(f"{e.label}: label has no foreground voxels; a training volume needs at least one "
-                        "labelled voxel (remove it from the training list or fix the label).")
+        problems.append(
+            f"{e.label}: label has no foreground voxels; a training volume needs at least one "
+            "labelled voxel (remove it from the training list or fix the label)."
+        )
     return problems, image, image_geom, label
 
 
@@ -298,8 +322,10 @@ def preprocess_volume(task: Task) -> tuple[np.ndarray, np.ndarray | None, dict[s
     if label is not None:
         label = resample(label, ras_affine, res_affine, res_shape, "nearest")
         if task.needs_foreground and not (label > 0).any():
-            raise DataError(f"{e.label}: no foreground voxel is left after resampling to {task.spacing} mm; "
-                            "use a finer data.spacing or drop the volume from the training list.")
+            raise DataError(
+                f"{e.label}: no foreground voxel is left after resampling to {task.spacing} mm; "
+                "use a finer data.spacing or drop the volume from the training list."
+            )
     image = scale_intensity(image, task.intensity)
     pads = pad_amounts(res_shape, task.roi)
     image = np.pad(image, pads)
@@ -330,13 +356,20 @@ def invert_to_original(pred_label: np.ndarray, meta: Mapping[str, Any]) -> np.nd
     """
     pred = np.asarray(pred_label)
     if tuple(pred.shape) != tuple(meta["shape"]):
-        raise ValueError(f"prediction shape {pred.shape} != cached volume shape {tuple(meta['shape'])} "
-                         f"of {meta['source']['image']}.")
+        raise ValueError(
+            f"prediction shape {pred.shape} != cached volume shape {tuple(meta['shape'])} "
+            f"of {meta['source']['image']}."
+        )
     pads = meta["pad"]
     res_shape = meta["resampled"]["shape"]
     pred = pred[tuple(slice(p[0], p[0] + n) for p, n in zip(pads, res_shape))]
-    pred = resample(pred, np.asarray(meta["resampled"]["affine"]), np.asarray(meta["ras"]["affine"]),
-                    meta["ras"]["shape"], "nearest")
+    pred = resample(
+        pred,
+        np.asarray(meta["resampled"]["affine"]),
+        np.asarray(meta["ras"]["affine"]),
+        meta["ras"]["shape"],
+        "nearest",
+    )
     return from_ras(pred, np.asarray(meta["ornt"]))
 
 
@@ -365,9 +398,11 @@ def _fingerprint(path: str | None, how: str) -> Any:
 
 def entry_hash(task: Task) -> str:
     """Hash of the source files and every setting that changes the cached result."""
-    doc = {"image": _fingerprint(task.entry.image, task.fingerprint),
-           "label": _fingerprint(task.entry.label, task.fingerprint),
-           "settings": task.settings()}
+    doc = {
+        "image": _fingerprint(task.entry.image, task.fingerprint),
+        "label": _fingerprint(task.entry.label, task.fingerprint),
+        "settings": task.settings(),
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -407,8 +442,9 @@ def _prepare_one(args: tuple[Task, str]) -> tuple[cache.VolumeRecord | None, boo
         if record is not None:
             return record, False, None
         try:
-            record = cache.write_entry(path, key=key, modality=task.entry.modality, image=image,
-                                       label=label, meta=meta)
+            record = cache.write_entry(
+                path, key=key, modality=task.entry.modality, image=image, label=label, meta=meta
+            )
         except OSError:
             # Another process (e.g. a second host on a shared cache) finished the same entry first.
             _, _, record = _cached(task, cache_dir)
@@ -441,10 +477,16 @@ def make_tasks(data: Any, splits: Sequence[str], problems: list[str] | None = No
                     tasks[key] = dataclasses.replace(tasks[key], needs_foreground=True)
                 continue
             tasks[key] = Task(
-                entry=e, modality_name=names[e.modality], needs_foreground=fg, codes=codes,
-                affine_atol=float(data.affine_atol), spacing=tuple(float(s) for s in data.spacing),
-                roi=tuple(int(r) for r in data.roi), intensity=intensity_settings(data, names[e.modality]),
-                fingerprint=str(data.cache_fingerprint))
+                entry=e,
+                modality_name=names[e.modality],
+                needs_foreground=fg,
+                codes=codes,
+                affine_atol=float(data.affine_atol),
+                spacing=tuple(float(s) for s in data.spacing),
+                roi=tuple(int(r) for r in data.roi),
+                intensity=intensity_settings(data, names[e.modality]),
+                fingerprint=str(data.cache_fingerprint),
+            )
     return list(tasks.values())
 
 
@@ -461,7 +503,7 @@ def _run(fn, items: list, workers: int, desc: str, progress: bool) -> list:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx) as pool:
             futures = [pool.submit(fn, item) for item in items]
-            for f in concurrent.futures.as_completed(futures):
+            for _ in concurrent.futures.as_completed(futures):
                 bar.update()
             return [f.result() for f in futures]
     finally:
@@ -495,8 +537,13 @@ class PreparedData:
         return [r for name in sorted(by_name, key=self.modalities.get) for r in by_name[name]]
 
 
-def prepare(config: Any, splits: Sequence[str] = ("training", "validation"), *, progress: bool = True,
-            workers: int | None = None) -> PreparedData:
+def prepare(
+    config: Any,
+    splits: Sequence[str] = ("training", "validation"),
+    *,
+    progress: bool = True,
+    workers: int | None = None,
+) -> PreparedData:
     """Preprocess (or reuse from the cache) every volume of ``splits``; raise listing all bad volumes.
 
     ``config`` is the full config (with a ``data`` section) or the data section itself.
@@ -529,14 +576,19 @@ def prepare(config: Any, splits: Sequence[str] = ("training", "validation"), *, 
         for e in entries[split]:
             records[split][names[e.modality]].append(by_key[(e.image, e.label, e.modality)])
     return PreparedData(
-        records=records, modalities=modalities,
+        records=records,
+        modalities=modalities,
         label_codes=label_code_map(data.label_codes, int(data.num_classes)),
-        num_classes=int(data.num_classes), class_names=tuple(data.class_names), cache_dir=cache_dir,
-        written=sum(1 for _, w, _ in results if w))
+        num_classes=int(data.num_classes),
+        class_names=tuple(data.class_names),
+        cache_dir=cache_dir,
+        written=sum(1 for _, w, _ in results if w),
+    )
 
 
-def verify(config: Any, splits: Sequence[str] = SPLITS, *, progress: bool = True,
-           workers: int | None = None) -> list[str]:
+def verify(
+    config: Any, splits: Sequence[str] = SPLITS, *, progress: bool = True, workers: int | None = None
+) -> list[str]:
     """Every problem of every datalist and volume (messages name the file); empty when all is well."""
     data = _data_section(config)
     problems: list[str] = []

@@ -19,7 +19,8 @@ least the ROI by preprocessing.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,12 +55,16 @@ class TransformConfig:
         if len(self.roi) != 3 or min(self.roi) < 1:
             raise ValueError(f"roi must be three positive sizes (D, H, W), got {self.roi}.")
         if self.pos < 0 or self.neg < 0 or self.pos + self.neg <= 0:
-            raise ValueError(f"pos={self.pos}, neg={self.neg}: need non-negative weights with a positive sum.")
+            raise ValueError(
+                f"pos={self.pos}, neg={self.neg}: need non-negative weights with a positive sum."
+            )
         for name in ("flip_prob", "rot90_prob", "scale_intensity_prob", "shift_intensity_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} is not a probability in [0, 1].")
         if any(a not in (0, 1, 2) for a in self.flip_axes + self.rot90_axes):
-            raise ValueError(f"flip_axes {self.flip_axes} / rot90_axes {self.rot90_axes}: spatial axes are 0, 1, 2.")
+            raise ValueError(
+                f"flip_axes {self.flip_axes} / rot90_axes {self.rot90_axes}: spatial axes are 0, 1, 2."
+            )
         if len(self.rot90_axes) != 2 or self.rot90_axes[0] == self.rot90_axes[1]:
             raise ValueError(f"rot90_axes must name two different axes, got {self.rot90_axes}.")
         if self.rot90_max_k < 1:
@@ -121,7 +126,9 @@ def sample_crop_start(
     shape = tuple(int(s) for s in shape)
     roi = tuple(int(r) for r in roi)
     if any(r > s for r, s in zip(roi, shape)):
-        raise ValueError(f"ROI {roi} is larger than the volume {shape}: pad volumes to the ROI in preprocessing.")
+        raise ValueError(
+            f"ROI {roi} is larger than the volume {shape}: pad volumes to the ROI in preprocessing."
+        )
     if len(fg_flat) == 0 and len(bg_flat) == 0:
         raise ValueError(f"No crop-centre candidates for a volume of shape {shape} (empty label and image).")
     ratio = pos / (pos + neg)
@@ -140,7 +147,10 @@ def sample_crop_start(
 
 
 def random_flip(
-    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float = 0.2,
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    prob: float = 0.2,
     axes: Sequence[int] = (0, 1, 2),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flip each of ``axes`` in turn, each independently with probability ``prob`` (RandFlipd ×3)."""
@@ -151,7 +161,11 @@ def random_flip(
 
 
 def random_rot90(
-    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, prob: float = 0.2, max_k: int = 3,
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    prob: float = 0.2,
+    max_k: int = 3,
     axes: Sequence[int] = (0, 1),
 ) -> tuple[np.ndarray, np.ndarray]:
     """With probability ``prob`` rotate by k·90°, k uniform in {1..max_k}, from ``axes[0]`` towards

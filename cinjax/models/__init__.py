@@ -50,7 +50,5 @@ def build_model(model_config: Mapping[str, Any] | Any) -> nn.Module:
     fields = set(getattr(cls, "__dataclass_fields__", {})) - {"parent", "name"}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
-        raise ValueError(
-            f"Unknown field(s) {unknown} for model {name!r}; valid fields: {sorted(fields)}."
-        )
+        raise ValueError(f"Unknown field(s) {unknown} for model {name!r}; valid fields: {sorted(fields)}.")
     return cls(**kwargs)

@@ -116,9 +116,7 @@ class SwinTransformer(nn.Module):
     def __call__(
         self, x: jax.Array, modality: jax.Array | None = None, train: bool = False
     ) -> list[jax.Array]:
-        x = PatchEmbed(
-            self.feature_size, self.patch_size, self.conv_impl, self.dtype, name="patch_embed"
-        )(x)
+        x = PatchEmbed(self.feature_size, self.patch_size, self.conv_impl, self.dtype, name="patch_embed")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         outs = [self._proj_out(x)]
         rates = np.linspace(0.0, self.drop_path, sum(self.depths)).tolist()

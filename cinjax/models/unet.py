@@ -69,9 +69,7 @@ class UNet(nn.Module):
         return "instance_cond" in (self.encoder_norm, self.decoder_norm)
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, modality: jax.Array | None = None, train: bool = False
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
         self._check_input(x, modality)
         if self.dtype is not None:
             x = x.astype(self.dtype)
@@ -163,7 +161,8 @@ def validate_config(m: UNet) -> None:
             raise ValueError(f"{field}={name!r} is not a norm; expected one of {NORM_NAMES}.")
         if name == "group" and any(int(c) % m.num_groups for c in channels):
             raise ValueError(
-                f"{field}='group' needs every channel count {channels} divisible by num_groups={m.num_groups}."
+                f"{field}='group' needs every channel count {channels} divisible by "
+                f"num_groups={m.num_groups}."
             )
     if m.num_modalities < 1:
         raise ValueError(f"num_modalities must be >= 1, got {m.num_modalities}.")

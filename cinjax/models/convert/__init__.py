@@ -351,7 +351,13 @@ def load_monai_swin_unetr(
         }
     )
     model, params, report = _load(
-        "swin_unetr", "monai", config, in_channels, checkpoint, strict, weights_only,
+        "swin_unetr",
+        "monai",
+        config,
+        in_channels,
+        checkpoint,
+        strict,
+        weights_only,
         source_merging=source_merging,
     )
     return (model, params, report) if return_report else (model, params)

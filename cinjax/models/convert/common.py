@@ -101,7 +101,7 @@ def normalize_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]
         for prefix in ("module.", "model."):
             # Lightning stores the network as attribute `model`; DDP wraps it as `module`.
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         if hasattr(v, "detach"):  # torch tensor
             v = v.detach().cpu().numpy()
         out[k] = np.asarray(v)
@@ -144,9 +144,7 @@ def apply_entries(
     uncovered = [p for p in want if p not in built and p not in {e.path for e in entries}]
     if uncovered:
         raise KeyError(f"converter bug: no entry for model parameters {uncovered[:5]}")
-    report.unexpected = sorted(
-        k for k in state_dict if k not in used and not k.endswith(IGNORED_SUFFIXES)
-    )
+    report.unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(IGNORED_SUFFIXES))
     params = {}
     for p in want:
         if p in built:

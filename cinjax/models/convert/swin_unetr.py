@@ -4,7 +4,7 @@ Both return a list of :class:`~cinjax.models.convert.common.Entry` for
 :func:`~cinjax.models.convert.common.apply_entries`; ``relative_position_index`` buffers are not
 mapped (cinjax recomputes them; ``apply_entries`` ignores them).
 
-* :func:`mi_seg_entries`: MI-Seg state dicts (mi-seg-state-dict-keys.txt). CIN layers
+* :func:`mi_seg_entries`: MI-Seg state dicts (tests/data/mi-seg-state-dict-keys.txt). CIN layers
   ``<prefix>.norms.<m>.{weight,bias}`` become (M, C) ``scale``/``bias`` tables; plain affine norms
   ``<prefix>.{weight,bias}``; non-affine norms have no keys.
 * :func:`monai_entries`: ``monai.networks.nets.SwinUNETR`` state dicts. Same key names (MI-Seg kept
@@ -33,7 +33,14 @@ from cinjax.models.swin_unetr import NUM_STAGES, SwinUNETR
 
 # MONAI >= 1.5 PatchMerging ("merging") sub-grid order: all 8 offsets, not itertools order.
 MONAI_FIXED_MERGING_OFFSETS = (
-    (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)
+    (0, 0, 0),
+    (1, 0, 0),
+    (0, 1, 0),
+    (0, 0, 1),
+    (1, 1, 0),
+    (1, 0, 1),
+    (0, 1, 1),
+    (1, 1, 1),
 )
 SOURCE_MERGINGS = ("same", "merging_fixed")
 
@@ -151,7 +158,7 @@ def _entries(model: SwinUNETR, in_channels: int, source_merging: str) -> list[En
         ("encoder10", 16 * fs, 16 * fs),
     ):
         e += _res_block_entries((name, "layer"), f"{name}.layer", cin, cout, enc_kind, enc_aff, m)
-    for name, cin, cout in (
+    for name, _, cout in (
         ("decoder5", 16 * fs, 8 * fs),
         ("decoder4", 8 * fs, 4 * fs),
         ("decoder3", 4 * fs, 2 * fs),

@@ -1,11 +1,12 @@
 """Key map MI-Seg ``unet_vanilla`` state dict → :class:`cinjax.models.unet.UNet` params.
 
-MI-Seg keys (mi-seg-state-dict-keys.txt, section ``[unet_vanilla_readme_best]``) and their cinjax paths:
+MI-Seg keys (tests/data/mi-seg-state-dict-keys.txt, section ``[unet_vanilla_readme_best]``) and their
+cinjax paths:
 
 =============================================================  ========================================
 ``pre_conv.conv.{weight,bias}``                                ``pre_conv/{kernel,bias}``
 ``down_path.<k>.<r>.conv.unit<u>.conv.{weight,bias}``          ``down_<k>_<r>/unit<u>/conv/{kernel,bias}``
-``down_path.<k>.<r>.conv.unit<u>.adn.N.norms.<m>.{weight,bias}``  ``down_<k>_<r>/unit<u>/norm/{scale,bias}`` row m
+``...unit<u>.adn.N.norms.<m>.{weight,bias}`` (CIN)             row m of ``.../unit<u>/norm/{scale,bias}``
 ``...unit<u>.adn.N.{weight,bias}`` (plain affine norm)         ``.../unit<u>/norm/{scale,bias}``
 ``...unit<u>.adn.A.weight`` (PReLU, shape (1,))                ``.../unit<u>/act/negative_slope`` (scalar)
 ``down_path.<k>.<r>.residual.{weight,bias}``                   ``down_<k>_<r>/residual/{kernel,bias}``
@@ -31,9 +32,7 @@ def _scalar(w: np.ndarray) -> np.ndarray:
     return w.reshape(()) if w.size == 1 else w
 
 
-def _norm_entries(
-    path: tuple[str, ...], prefix: str, norm: str, num_modalities: int, leaf: str
-) -> Entry:
+def _norm_entries(path: tuple[str, ...], prefix: str, norm: str, num_modalities: int, leaf: str) -> Entry:
     """One norm parameter (``scale`` or ``bias``) from MONAI's ADN ``N`` module."""
     torch_leaf = {"scale": "weight", "bias": "bias"}[leaf]
     if norm == "instance_cond":

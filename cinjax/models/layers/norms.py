@@ -30,9 +30,7 @@ EPS = 1e-5
 NORM_NAMES = ("instance_cond", "instance", "layer", "batch", "group")
 
 
-def check_modality_ids(
-    modality: Any, num_modalities: int, names: Sequence[str] | None = None
-) -> None:
+def check_modality_ids(modality: Any, num_modalities: int, names: Sequence[str] | None = None) -> None:
     """Raise a ``ValueError`` if a concrete modality id lies outside ``[0, num_modalities)``.
 
     Call this on the host where ids enter (loader, inference, CLI). Traced values (inside ``jit``)

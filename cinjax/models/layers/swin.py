@@ -79,7 +79,7 @@ def get_window_size(
     return tuple(use_window), tuple(use_shift)  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def relative_position_index(window: Triple) -> np.ndarray:
     """(N, N) index into the ((2w-1)^3, heads) bias table for the full window, N = prod(window)."""
     coords = np.stack(np.meshgrid(*(np.arange(w) for w in window), indexing="ij")).reshape(3, -1)
@@ -91,7 +91,7 @@ def relative_position_index(window: Triple) -> np.ndarray:
     return index
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def window_region_ids(dims: Triple, window: Triple, shift: Triple) -> np.ndarray:
     """(nW, N) region id of every token of every window on the padded grid ``dims`` for a shifted
     window pass (MONAI's ``compute_mask`` labelling, including its slices for zero shifts)."""
