@@ -3,7 +3,7 @@
 All losses take channels-last logits ``(B, D, H, W, K)`` (any float dtype; computed in float32) and
 integer labels ``(B, D, H, W)`` (a trailing singleton channel is accepted) with values in ``[0, K)``;
 out-of-range labels cannot be checked under ``jit`` and one-hot to all zeros. Each returns a float32
-scalar. Semantics (see mi-seg-facts.md §5.1):
+scalar. Semantics (see docs/mi-seg-spec.md §5.1):
 
 * Dice: softmax over classes, one-hot target, per (sample, class) over voxels
     ``1 - (2·Σpt + smooth_nr) / (Σt^a + Σp^a + smooth_dr)`` with ``a = 2`` when ``squared_pred`` else 1,

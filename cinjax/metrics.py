@@ -1,7 +1,7 @@
 """Evaluation metrics on label maps: per-class Dice, HD95 and ASSD in millimetres, summaries.
 
 Host-side numpy/scipy, one volume at a time, on integer label maps (prediction = argmax of the logits).
-MONAI conventions (MI-Seg used MONAI's DiceMetric / SurfaceDistanceMetric, mi-seg-facts.md §7.2):
+MONAI conventions (MI-Seg used MONAI's DiceMetric / SurfaceDistanceMetric, docs/mi-seg-spec.md §7.2):
 
 * **Dice** ``2|P∩G| / (|P|+|G|)`` per class. With ``ignore_empty=True`` (MONAI's default, MI-Seg's
   setting) a class absent from the ground truth gives **NaN whatever the prediction** (so a false
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-# MM-WHS classes 1..7 in MI-Seg's label order (mi-seg-facts.md §6.3); 0 is background.
+# MM-WHS classes 1..7 in MI-Seg's label order (docs/mi-seg-spec.md §6.3); 0 is background.
 DEFAULT_CLASS_NAMES = ("LV", "RV", "LA", "RA", "Myo", "AA", "PA")
 DISTANCE_KEYS = ("hd95_mm", "assd_mm")
 

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules with PyTorch / MONAI semantics (MI-Seg §5.2).
+"""Optimizers and learning-rate schedules with PyTorch / MONAI semantics (docs/mi-seg-spec.md §5.2).
 
 ``make_optimizer(config, total_steps)`` builds an ``optax`` transformation from ``config.optim``
 (keys below; :func:`default_optim_config` has MI-Seg's defaults). The chain is

@@ -28,7 +28,7 @@ from cinjax.data.io import DataError
 
 SPLITS = ("training", "validation", "test")
 
-# MM-WHS label codes -> MI-Seg class ids (mi-seg-facts.md §6.3; inverse of predict_whs.py's table).
+# MM-WHS label codes -> MI-Seg class ids (docs/mi-seg-spec.md §6.3; inverse of predict_whs.py's table).
 MMWHS_CODES: dict[int, int] = {500: 1, 600: 2, 420: 3, 550: 4, 205: 5, 820: 6, 850: 7}
 MMWHS_CLASS_NAMES = ("background", "LV", "RV", "LA", "RA", "Myo", "AA", "PA")
 

@@ -1,6 +1,6 @@
 """Preprocess every volume once into the cache; invert the geometry of predictions.
 
-Per volume (MI-Seg's deterministic transforms 1–6, mi-seg-facts.md §6.4):
+Per volume (MI-Seg's deterministic transforms 1–6, docs/mi-seg-spec.md §6.4):
 
 1. load (float32 image, integer label mapped to class ids by ``data.label_codes``), with checks
    (:mod:`cinjax.data.io`);

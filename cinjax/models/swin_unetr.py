@@ -5,7 +5,7 @@
 four 2x merges). Norm names are MI-Seg's: ``instance_cond`` (CIN, per-modality affine tables),
 ``instance``, ``layer`` (Swin only), ``batch``, ``group`` (conv blocks only).
 
-Structure and parameter names follow MI-Seg's state dict (mi-seg-facts.md §3, §4) so conversion is a
+Structure and parameter names follow MI-Seg's state dict (docs/mi-seg-spec.md §3, §4) so conversion is a
 key map: ``swinViT/{patch_embed, layers1..4}``, ``encoder{1,2,3,4,10}``, ``decoder{5..1}``, ``out``.
 """
 

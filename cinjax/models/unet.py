@@ -1,6 +1,6 @@
 """C-UNet: MI-Seg's ``unet_vanilla`` (class UNetVanilla), channels-last, with conditional encoder norms.
 
-Structure (L = len(channels); mi-seg-facts.md §2.1):
+Structure (L = len(channels); docs/mi-seg-spec.md §2.1):
 
 1. ``pre_conv``: k×k×k conv in → channels[0], stride strides[0], bias, no norm / activation.
 2. ``down_{k}_{r}`` for level k = 0..L-2: ``num_res_units`` :class:`ResidualUnit` s with the encoder

@@ -56,7 +56,7 @@ SUPPORTED_MODELS = ("unet_vanilla", "swin_unetr")
 
 
 def _mi_seg_parser() -> argparse.ArgumentParser:
-    """The model flags of MI-Seg's ``utils/parser.py`` with its defaults (mi-seg-facts.md §9)."""
+    """The model flags of MI-Seg's ``utils/parser.py`` with its defaults (docs/mi-seg-spec.md §9)."""
     p = argparse.ArgumentParser(prog="MI-Seg model flags", add_help=False)
     p.add_argument("--model_name", default="unetr")
     p.add_argument("--spatial_dims", type=int, default=3)

@@ -5,7 +5,7 @@ Everything a Swin stage needs: window partition/reverse, the effective window ru
 built at trace time from static shapes, never parameters), :class:`WindowAttention`,
 :class:`SwinTransformerBlock`, :class:`PatchMerging` and :class:`PatchEmbed`.
 
-MI-Seg quirks reproduced on purpose (released weights depend on them, mi-seg-facts.md §3.2):
+MI-Seg quirks reproduced on purpose (released weights depend on them, docs/mi-seg-spec.md §3.2):
 
 * windows smaller than the configured one (stage size <= window on some axis) index the relative
   position table with the top-left ``n x n`` block of the full window's index, not the small
