@@ -22,8 +22,8 @@ from flax import traverse_util
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 from monai.networks.nets import swin_unetr as monai_swin
 
-from cinjax.models.convert.common import apply_entries
-from cinjax.models.convert.swin_unetr import mi_seg_entries, monai_entries
+from cinjax.models.convert.common import apply_rules
+from cinjax.models.convert.swin_unetr import mi_seg_rules, monai_rules
 from cinjax.models.layers import swin
 from cinjax.models.layers.norms import NormSpec
 from cinjax.models.swin_unetr import SwinTransformer, SwinUNETR
@@ -129,9 +129,9 @@ def _abstract(model: SwinUNETR, shape=(1, *SPATIAL, IN_CH)):
     return jax.eval_shape(model.init, jax.random.key(0), x, mod)["params"]
 
 
-def _load(entries_fn, model, sd, **kw):
+def _load(rules_fn, model, sd, **kw):
     abstract = _abstract(model)
-    params, report = apply_entries(entries_fn(model, abstract, **kw), sd, abstract)
+    params, report = apply_rules(rules_fn(model, abstract, **kw), sd, abstract)
     assert report.ok, str(report)
     return params
 
@@ -188,7 +188,7 @@ def _run(apply_fns, model, params, x, modality=None):
     ],
 )
 def test_shift_mask_matches_monai(dims, window, shift):
-    ours = swin.compute_mask(dims, window, shift)
+    ours = swin.mask_from_region_ids(swin.window_region_ids(dims, window, shift))
     ref = monai_swin.compute_mask(list(dims), window, shift, torch.device("cpu")).numpy()
     np.testing.assert_array_equal(ours, ref)
     assert set(np.unique(ours)) <= {0.0, -100.0} and (ours == -100.0).any()
@@ -233,7 +233,7 @@ def test_forward_parity_with_monai(x, apply_fns, ours, theirs, legacy, source_me
     net = _torch_model(1, theirs)
     ref = _torch_forward(net, x, legacy_merging=legacy)
     model = _monai_like(ours, conv_impl=conv_impl)
-    params = _load(monai_entries, model, _numpy_sd(net), source_merging=source_merging)
+    params = _load(monai_rules, model, _numpy_sd(net), source_merging=source_merging)
     out = _run(apply_fns, model, params, x)
     assert out.shape == (1, *SPATIAL, OUT_CH)
     err = np.abs(out - ref).max()
@@ -285,7 +285,7 @@ def cin_case(x):
         decoder_norm="instance",
         conv_impl="depth2d",
     )
-    params = _load(mi_seg_entries, model, mi_seg)
+    params = _load(mi_seg_rules, model, mi_seg)
     return model, params, modality, np.concatenate(refs)
 
 
@@ -303,7 +303,7 @@ def test_conditional_swin_matches_per_modality_reference(x, apply_fns, cin_case)
 
 
 def _keys_section(name: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], int]:
-    entries, total, inside = {}, None, False
+    rules, total, inside = {}, None, False
     for line in KEYS_FILE.read_text().splitlines():
         if line.startswith("## ["):
             inside = line.strip() == f"## [{name}]"
@@ -316,8 +316,8 @@ def _keys_section(name: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], in
             continue
         if line.strip():
             key, shape, dtype, _ = line.split("\t")
-            entries[key] = (tuple(int(s) for s in shape.strip("[]").split(",") if s.strip()), dtype)
-    return entries, total
+            rules[key] = (tuple(int(s) for s in shape.strip("[]").split(",") if s.strip()), dtype)
+    return rules, total
 
 
 README = {
@@ -352,7 +352,7 @@ def test_mi_seg_state_dict_loads_strictly():
     }
     model = _readme_model(section)
     abstract = _abstract(model, shape=(1, 64, 64, 64, 1))
-    params, report = apply_entries(mi_seg_entries(model, abstract), sd, abstract)
+    params, report = apply_rules(mi_seg_rules(model, abstract), sd, abstract)
     assert report.ok, str(report)
     assert len(report.loaded) == sum(1 for k in keys if not k.endswith("relative_position_index"))
     flat = traverse_util.flatten_dict(params)
@@ -404,13 +404,13 @@ def test_layer_norm_model_accepts_single_voxel_bottleneck():
     assert jax.tree.leaves(_abstract(model, shape=(1, 32, 32, 32, 1)))
 
 
-def test_monai_entries_rejects_conditional_models():
+def test_monai_rules_rejects_conditional_models():
     model = SwinUNETR(out_channels=2, feature_size=12, num_heads=1)
     with pytest.raises(ValueError, match="vit_norm='layer'"):
-        monai_entries(model, _abstract(model, shape=(1, 64, 64, 64, 1)))
+        monai_rules(model, _abstract(model, shape=(1, 64, 64, 64, 1)))
     model = _monai_like("merging")
     with pytest.raises(ValueError, match="mergingv2"):
-        monai_entries(model, _abstract(model), source_merging="merging_fixed")
+        monai_rules(model, _abstract(model), source_merging="merging_fixed")
 
 
 # --- training mode: dropout / drop-path rngs and per-stage rematerialisation --------------------

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cinjax.models import build_model
-from cinjax.models.convert.common import apply_entries
-from cinjax.models.convert.unet import mi_seg_entries
+from cinjax.models.convert.common import apply_rules
+from cinjax.models.convert.unet import mi_seg_rules
 from cinjax.models.unet import UNet
 
 CHANNELS = (4, 8, 16, 32)
@@ -125,7 +125,7 @@ def setup():
     x = rng.standard_normal((2, *SPATIAL, IN_CH)).astype(np.float32)
     modality = jnp.array([0, 1], jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(x), modality)["params"]
-    params, report = apply_entries(mi_seg_entries(model, abstract), sd, abstract)
+    params, report = apply_rules(mi_seg_rules(model, abstract), sd, abstract)
     assert report.ok, str(report)
     return dict(tmodel=tmodel, sd=sd, model=model, params=params, x=x, modality=modality)
 

@@ -31,9 +31,9 @@ import numpy as np
 from cinjax.models import build_model
 from cinjax.models.convert.common import (
     CheckpointMismatchError,
-    Entry,
     LoadReport,
-    apply_entries,
+    ParamRule,
+    apply_rules,
     normalize_state_dict,
 )
 
@@ -242,17 +242,17 @@ def read_checkpoint(
 # --- model + params --------------------------------------------------------------------------------
 
 
-def _entries_fn(name: str, source: str, **kw: Any) -> Callable[[Any, Mapping[str, Any]], list[Entry]]:
+def _rules_fn(name: str, source: str, **kw: Any) -> Callable[[Any, Mapping[str, Any]], list[ParamRule]]:
     if name == "unet_vanilla" and source == "mi_seg":
-        from cinjax.models.convert.unet import mi_seg_entries
+        from cinjax.models.convert.unet import mi_seg_rules
 
-        return mi_seg_entries
+        return mi_seg_rules
     if name == "swin_unetr":
         from cinjax.models.convert import swin_unetr
 
         if source == "mi_seg":
-            return swin_unetr.mi_seg_entries
-        return functools.partial(swin_unetr.monai_entries, **kw)
+            return swin_unetr.mi_seg_rules
+        return functools.partial(swin_unetr.monai_rules, **kw)
     raise ValueError(f"No {source} converter for model {name!r}.")
 
 
@@ -276,7 +276,7 @@ def _load(
     checkpoint: Any,
     strict: bool,
     weights_only: bool,
-    **entries_kw: Any,
+    **rules_kw: Any,
 ) -> tuple[Any, dict[str, Any], LoadReport]:
     model = build_model(model_config)
     state_dict = read_checkpoint(checkpoint, weights_only=weights_only)
@@ -284,15 +284,15 @@ def _load(
     x = jnp.zeros(shape, jnp.float32)
     modality = jnp.zeros((shape[0],), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), x, modality)["params"]
-    entries = _entries_fn(name, source, **entries_kw)(model, abstract)
-    params, report = apply_entries(entries, state_dict, abstract)
+    rules = _rules_fn(name, source, **rules_kw)(model, abstract)
+    params, report = apply_rules(rules, state_dict, abstract)
     if not report.ok:
         if strict:
             raise CheckpointMismatchError(report)
         log.warning("Non-strict load; parameters not in the checkpoint keep their init:\n%s", report)
         # rbg: XLA compiles a model init ~5x faster on CPU with it than with threefry.
         init = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, modality)["params"]
-        params, report = apply_entries(entries, state_dict, abstract, init_params=init)
+        params, report = apply_rules(rules, state_dict, abstract, init_params=init)
     return model, params, report
 
 

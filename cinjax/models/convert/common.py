@@ -1,7 +1,7 @@
 """Shared machinery of the PyTorch → cinjax weight converters: key maps and the strict load report.
 
-A converter for one architecture is a list of :class:`Entry`: one cinjax parameter, the PyTorch
-state-dict keys it is built from, and the function that builds it. :func:`apply_entries` runs the list
+A converter for one architecture is a list of :class:`ParamRule`: one cinjax parameter, the PyTorch
+state-dict keys it is built from, and the function that builds it. :func:`apply_rules` runs the list
 against a state dict and the model's abstract parameter tree and returns the params plus a
 :class:`LoadReport` (loaded / missing / unexpected / mis-shaped keys).
 """
@@ -20,7 +20,7 @@ IGNORED_SUFFIXES = ("relative_position_index", "num_batches_tracked")
 
 
 @dataclasses.dataclass(frozen=True)
-class Entry:
+class ParamRule:
     """One cinjax parameter (``path`` in the params tree) built by ``fn`` from PyTorch ``keys``."""
 
     path: tuple[str, ...]
@@ -108,8 +108,8 @@ def normalize_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]
     return out
 
 
-def apply_entries(
-    entries: Iterable[Entry],
+def apply_rules(
+    rules: Iterable[ParamRule],
     state_dict: Mapping[str, np.ndarray],
     abstract_params: Mapping[str, Any],
     *,
@@ -125,7 +125,7 @@ def apply_entries(
     report = LoadReport()
     built: dict[tuple[str, ...], np.ndarray] = {}
     used: set[str] = set()
-    for e in entries:
+    for e in rules:
         if e.path not in want:
             raise KeyError(f"converter bug: {e.path} is not a parameter of the model")
         absent = [k for k in e.keys if k not in state_dict]
@@ -141,7 +141,7 @@ def apply_entries(
             continue
         built[e.path] = arr
         report.loaded.extend(e.keys)
-    uncovered = [p for p in want if p not in built and p not in {e.path for e in entries}]
+    uncovered = [p for p in want if p not in built and p not in {e.path for e in rules}]
     if uncovered:
         raise KeyError(f"converter bug: no entry for model parameters {uncovered[:5]}")
     report.unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(IGNORED_SUFFIXES))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from cinjax.models.convert.common import Entry, conv_kernel, same, stack_rows
+from cinjax.models.convert.common import ParamRule, conv_kernel, same, stack_rows
 
 
 def _scalar(w: np.ndarray) -> np.ndarray:
@@ -32,13 +32,13 @@ def _scalar(w: np.ndarray) -> np.ndarray:
     return w.reshape(()) if w.size == 1 else w
 
 
-def _norm_entries(path: tuple[str, ...], prefix: str, norm: str, num_modalities: int, leaf: str) -> Entry:
+def _norm_rules(path: tuple[str, ...], prefix: str, norm: str, num_modalities: int, leaf: str) -> ParamRule:
     """One norm parameter (``scale`` or ``bias``) from MONAI's ADN ``N`` module."""
     torch_leaf = {"scale": "weight", "bias": "bias"}[leaf]
     if norm == "instance_cond":
         keys = tuple(f"{prefix}.adn.N.norms.{m}.{torch_leaf}" for m in range(num_modalities))
-        return Entry(path, keys, stack_rows)
-    return Entry(path, (f"{prefix}.adn.N.{torch_leaf}",), same)
+        return ParamRule(path, keys, stack_rows)
+    return ParamRule(path, (f"{prefix}.adn.N.{torch_leaf}",), same)
 
 
 def _torch_prefix(module: str) -> str:
@@ -51,35 +51,35 @@ def _torch_prefix(module: str) -> str:
     raise KeyError(module)
 
 
-def mi_seg_entries(model: Any, abstract_params: Mapping[str, Any]) -> list[Entry]:
-    """Entries that build every parameter of ``model`` (a UNet) from an MI-Seg state dict."""
+def mi_seg_rules(model: Any, abstract_params: Mapping[str, Any]) -> list[ParamRule]:
+    """Rules that build every parameter of ``model`` (a UNet) from an MI-Seg state dict."""
     for field in ("encoder_norm", "decoder_norm"):
         if getattr(model, field) == "batch":
             raise ValueError(
                 f"Converting MI-Seg models with batch norm ({field}='batch') is not supported: "
                 "running statistics have no place in the params tree returned by load_mi_seg."
             )
-    entries = []
+    rules = []
     for path in traverse_util.flatten_dict(dict(abstract_params)):
         top, leaf = path[0], path[-1]
         torch_leaf = {"kernel": "weight", "bias": "bias"}.get(leaf)
         fn = conv_kernel if leaf == "kernel" else same
         if top in ("pre_conv", "out"):
-            entries.append(Entry(path, (f"{top}.conv.{torch_leaf}",), fn))
+            rules.append(ParamRule(path, (f"{top}.conv.{torch_leaf}",), fn))
             continue
         prefix = _torch_prefix(top)
         if path[1] == "residual":
-            entries.append(Entry(path, (f"{prefix}.residual.{torch_leaf}",), fn))
+            rules.append(ParamRule(path, (f"{prefix}.residual.{torch_leaf}",), fn))
             continue
         unit_prefix = f"{prefix}.conv.{path[1]}"
         part = path[2]
         if part == "conv":
-            entries.append(Entry(path, (f"{unit_prefix}.conv.{torch_leaf}",), fn))
+            rules.append(ParamRule(path, (f"{unit_prefix}.conv.{torch_leaf}",), fn))
         elif part == "act":
-            entries.append(Entry(path, (f"{unit_prefix}.adn.A.weight",), _scalar))
+            rules.append(ParamRule(path, (f"{unit_prefix}.adn.A.weight",), _scalar))
         elif part == "norm":
             norm = model.encoder_norm if top.startswith("down_") else model.decoder_norm
-            entries.append(_norm_entries(path, unit_prefix, norm, model.num_modalities, leaf))
+            rules.append(_norm_rules(path, unit_prefix, norm, model.num_modalities, leaf))
         else:
             raise KeyError(f"converter bug: unexpected UNet parameter {path}")
-    return entries
+    return rules

@@ -114,12 +114,6 @@ def mask_from_region_ids(ids: Any) -> Any:
     return xp.where(ids[:, None, :] != ids[:, :, None], xp.float32(-100.0), xp.float32(0.0))
 
 
-def compute_mask(dims: Triple, window: Triple, shift: Triple) -> np.ndarray:
-    """MONAI's ``compute_mask`` (nW, N, N) as a numpy array (reference; the model builds it on
-    device from :func:`window_region_ids`, which keeps large constants out of the program)."""
-    return mask_from_region_ids(window_region_ids(dims, window, shift))
-
-
 class DropPath(nn.Module):
     """Stochastic depth per sample (timm / MONAI ``DropPath``, scaled by 1/keep)."""
 
