@@ -28,15 +28,12 @@ from cinjax.models.layers.swin import (
     get_window_size,
     window_region_ids,
 )
+from cinjax.shapes import triple
 
 VIT_NORMS = ("instance_cond", "instance", "layer")
 CONV_NORMS = tuple(n for n in NORM_NAMES if n != "layer")
 _INSTANCE_NORMS = ("instance_cond", "instance")
 NUM_STAGES = 4
-
-
-def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
-    return (v, v, v) if isinstance(v, int) else tuple(int(i) for i in v)  # type: ignore[return-value]
 
 
 class BasicLayer(nn.Module):
@@ -126,7 +123,7 @@ class SwinTransformer(nn.Module):
             x = layer_cls(
                 num_heads=self.num_heads[i],
                 depth=depth,
-                window=_triple(self.window_size),
+                window=triple(self.window_size, "window_size"),
                 drop_path=tuple(rates[start : start + depth]),
                 mlp_ratio=self.mlp_ratio,
                 qkv_bias=self.qkv_bias,

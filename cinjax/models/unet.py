@@ -57,7 +57,41 @@ class UNet(nn.Module):
 
     def __post_init__(self):
         super().__post_init__()
-        validate_config(self)
+        self.check_config()
+
+    def check_config(self) -> None:
+        """Fail at construction with a message naming the offending field."""
+        channels, strides = tuple(self.channels), tuple(self.strides)
+        if len(channels) < 2:
+            raise ValueError(f"UNet needs at least 2 levels in `channels`, got {channels}.")
+        if len(strides) != len(channels):
+            raise ValueError(
+                f"`strides` must have one entry per level (len(channels) = {len(channels)}, as in MI-Seg's "
+                f"unet_vanilla; strides[0] belongs to the first conv), got strides={strides}."
+            )
+        if any(int(c) < 1 for c in channels) or any(int(s) < 1 for s in strides):
+            raise ValueError(f"channels and strides must be positive, got {channels} / {strides}.")
+        if self.num_res_units < 1:
+            raise ValueError(f"num_res_units must be >= 1, got {self.num_res_units}.")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}.")
+        if self.out_channels < 1:
+            raise ValueError(f"out_channels must be >= 1, got {self.out_channels}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        for field in ("encoder_norm", "decoder_norm"):
+            name = getattr(self, field)
+            if name not in NORM_NAMES:
+                raise ValueError(f"{field}={name!r} is not a norm; expected one of {NORM_NAMES}.")
+            if name == "group" and any(int(c) % self.num_groups for c in channels):
+                raise ValueError(
+                    f"{field}='group' needs every channel count {channels} divisible by "
+                    f"num_groups={self.num_groups}."
+                )
+        if self.num_modalities < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {self.num_modalities}.")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl={self.conv_impl!r}; expected one of {CONV_IMPLS}.")
 
     @property
     def total_stride(self) -> int:
@@ -133,38 +167,3 @@ class UNet(nn.Module):
                 "This UNet has conditional norms (instance_cond): pass a modality id per sample, "
                 "an int array of shape (B,)."
             )
-
-
-def validate_config(m: UNet) -> None:
-    """Fail at construction with a message naming the offending field."""
-    channels, strides = tuple(m.channels), tuple(m.strides)
-    if len(channels) < 2:
-        raise ValueError(f"UNet needs at least 2 levels in `channels`, got {channels}.")
-    if len(strides) != len(channels):
-        raise ValueError(
-            f"`strides` must have one entry per level (len(channels) = {len(channels)}, as in MI-Seg's "
-            f"unet_vanilla; strides[0] belongs to the first conv), got strides={strides}."
-        )
-    if any(int(c) < 1 for c in channels) or any(int(s) < 1 for s in strides):
-        raise ValueError(f"channels and strides must be positive, got {channels} / {strides}.")
-    if m.num_res_units < 1:
-        raise ValueError(f"num_res_units must be >= 1, got {m.num_res_units}.")
-    if m.kernel_size < 1 or m.kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd (same padding), got {m.kernel_size}.")
-    if m.out_channels < 1:
-        raise ValueError(f"out_channels must be >= 1, got {m.out_channels}.")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {m.dropout}.")
-    for field in ("encoder_norm", "decoder_norm"):
-        name = getattr(m, field)
-        if name not in NORM_NAMES:
-            raise ValueError(f"{field}={name!r} is not a norm; expected one of {NORM_NAMES}.")
-        if name == "group" and any(int(c) % m.num_groups for c in channels):
-            raise ValueError(
-                f"{field}='group' needs every channel count {channels} divisible by "
-                f"num_groups={m.num_groups}."
-            )
-    if m.num_modalities < 1:
-        raise ValueError(f"num_modalities must be >= 1, got {m.num_modalities}.")
-    if m.conv_impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl={m.conv_impl!r}; expected one of {CONV_IMPLS}.")

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cinjax.shapes import triple
+
 ConvImpl = Literal["lax", "depth2d", "auto"]
 CONV_IMPLS = ("lax", "depth2d", "auto")
 Padding = Sequence[tuple[int, int]]
@@ -35,18 +37,9 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
-    if isinstance(v, int):
-        return (v, v, v)
-    v = tuple(int(i) for i in v)
-    if len(v) != 3:
-        raise ValueError(f"Expected an int or 3 ints, got {v}.")
-    return v  # type: ignore[return-value]
-
-
 def same_padding(kernel_size: int | Sequence[int]) -> tuple[tuple[int, int], ...]:
     """PyTorch/MONAI ``padding=(k-1)//2`` on both sides (odd kernels)."""
-    return tuple(((k - 1) // 2, (k - 1) // 2) for k in _triple(kernel_size))
+    return tuple(((k - 1) // 2, (k - 1) // 2) for k in triple(kernel_size, "kernel_size"))
 
 
 def conv3d(
@@ -63,7 +56,7 @@ def conv3d(
     ``padding=None`` means PyTorch-style symmetric ``(k-1)//2``. The result does not depend on
     ``impl`` beyond float summation order.
     """
-    strides = _triple(strides)
+    strides = triple(strides, "strides")
     kd, kh, kw = kernel.shape[:3]
     padding = tuple(tuple(p) for p in (padding if padding is not None else same_padding((kd, kh, kw))))
     impl = resolve_conv_impl(impl)
@@ -119,7 +112,7 @@ class Conv3d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        ks = _triple(self.kernel_size)
+        ks = triple(self.kernel_size, "kernel_size")
         in_features = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (*ks, in_features, self.features), self.param_dtype)
         dtype = self.dtype or x.dtype
