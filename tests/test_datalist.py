@@ -189,7 +189,10 @@ def test_mmwhs_folder_layout(tmp_path):
             _touch(f"{root}/{m}_train/{m}_train_{i}_label.nii.gz")
         _touch(f"{root}/{m}_test/{m}_test_2001_image.nii.gz")
     _touch(f"{root}/ct_train/notes.txt")
-    out = datalist.discover_mmwhs(root, MODS, {"CT": (1002,), "MR": (1001, 1003)})
+    data = default_data_config()
+    data.root, data.layout, data.modalities = root, "mmwhs", MODS
+    data.mmwhs.validation_ids = {"CT": (1002,), "MR": (1001, 1003)}
+    out = datalist.collect_entries(data)
     ct_train = [e for e in out["training"] if e.modality == 0]
     assert [e.name for e in ct_train] == ["ct_train_1001_image", "ct_train_1003_image"]
     assert ct_train[0].label == f"{root}/ct_train/ct_train_1001_label.nii.gz"
@@ -203,10 +206,12 @@ def test_mmwhs_folder_layout(tmp_path):
         ("mr_test_2001_image", None, 1),
     ]
     os.remove(f"{root}/mr_train/mr_train_1002_label.nii.gz")
+    data.mmwhs.validation_ids = {}
     with pytest.raises(DataError, match=r"mr_train_1002_label\.nii\.gz: label file .* does not exist"):
-        datalist.discover_mmwhs(root, MODS, {})
+        datalist.collect_entries(data)
+    data.root = str(tmp_path / "nowhere")
     with pytest.raises(DataError, match="no MM-WHS volumes found"):
-        datalist.discover_mmwhs(str(tmp_path / "nowhere"), MODS, {})
+        datalist.collect_entries(data)
 
 
 def test_collect_entries_from_config(tmp_path):

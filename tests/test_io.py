@@ -43,9 +43,8 @@ def test_geometry_json_round_trip():
     geom = io.Geometry(_affine("PIL", (1.7, 0.6, 1.1)), (4, 5, 6))
     d = geom.to_json()
     assert d["axcodes"] == ["P", "I", "L"] and d["spacing"] == pytest.approx([1.7, 0.6, 1.1])
-    back = io.Geometry.from_json(d)
-    np.testing.assert_array_equal(back.affine, geom.affine)
-    assert back.shape == geom.shape
+    np.testing.assert_array_equal(np.asarray(d["affine"]), geom.affine)
+    assert d["shape"] == [4, 5, 6]
 
 
 def test_trailing_singleton_4th_dim_is_squeezed(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from cinjax.data import cache, phantom, preprocess, transforms
 from cinjax.data.config import default_data_config
-from cinjax.data.datalist import discover_mmwhs
+from cinjax.data.datalist import collect_entries
 
 MMWHS_CODES = {0, 205, 420, 500, 550, 600, 820, 850}
 SMALL = dict(num_ct=3, num_mr=3, num_val=1, num_test=1)
@@ -240,7 +240,10 @@ def test_read_through_mmwhs_path(prepared):
 
 
 def test_mmwhs_folder_layout_finds_the_phantom(dataset):
-    entries = discover_mmwhs(dataset["root"], {"CT": 0, "MR": 1}, {"CT": (1002,), "MR": (1002,)})
+    data = default_data_config()
+    data.root, data.layout = dataset["root"], "mmwhs"
+    data.mmwhs.validation_ids = {"CT": (1002,), "MR": (1002,)}
+    entries = collect_entries(data)
     assert len(entries["training"]) == 4 and len(entries["validation"]) == 2
 
 

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     if _CONFIG.value is None:
         raise app.UsageError("--config is required. " + _USAGE)
     config = _CONFIG.value
-    _maybe_generate_phantom(preprocess._data_section(config))
+    _maybe_generate_phantom(preprocess.data_section(config))
     start = time.perf_counter()
     if argv[1] == "verify":
         splits = tuple(_SPLITS.value or SPLITS)

@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import ml_collections
 
-from cinjax.data.datalist import MMWHS_CLASS_NAMES, MMWHS_VALIDATION_IDS
+from cinjax.data import mmwhs
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """MI-Seg's data setup: CT_fold1.json + MR.json under ``root``, 1 mm, min-max, ROI 96^3."""
+    """MI-Seg's data setup (MM-WHS): CT_fold1.json + MR.json under ``root``, 1 mm, min-max, ROI 96^3.
+
+    Another dataset overrides ``json_lists``, ``modalities``, ``num_classes``, ``class_names`` and
+    ``union_name`` (the all-foreground Dice is reported as ``<union_name>_dice``).
+    """
     c = ml_collections.ConfigDict()
     c.root = ""
     c.layout = "json"
     c.json_lists = ("CT_fold1.json", "MR.json")
     c.data_dirs = ()
-    c.modalities = {"CT": 0, "MR": 1}
+    c.modalities = dict(mmwhs.MODALITIES)
     c.mmwhs = ml_collections.ConfigDict(
         {
-            "validation_ids": {k: tuple(v) for k, v in MMWHS_VALIDATION_IDS.items()},
+            "validation_ids": {k: tuple(v) for k, v in mmwhs.VALIDATION_IDS.items()},
             "image_suffix": "image",
             "label_suffix": "label",
         }
     )
     # "identity" | "mmwhs" | {code: class}: a reference typed `object` so a config may assign any of them.
     c.label_codes = ml_collections.FieldReference("identity", field_type=object)
-    c.num_classes = 8
-    c.class_names = MMWHS_CLASS_NAMES
+    c.num_classes = mmwhs.NUM_CLASSES
+    c.class_names = mmwhs.CLASS_NAMES
+    c.union_name = "whole_foreground"  # MM-WHS configs: mmwhs.UNION_NAME ("whole_heart")
     c.spacing = (1.0, 1.0, 1.0)
     c.roi = (96, 96, 96)
     c.intensity = ml_collections.ConfigDict(

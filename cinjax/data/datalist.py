@@ -9,8 +9,8 @@ Two sources, chosen by ``data.layout``:
   top-level ``modality`` (MI-Seg: one integer per file; a name such as ``"MR"`` or a Decathlon
   one-channel dict ``{"0": "CT"}`` also work) and can be overridden per entry with ``"modality"``
   (an id or a name).
-* ``"mmwhs"`` — the MM-WHS folder layout ``{ct,mr}_train/{ct,mr}_train_10NN_image.nii.gz`` (+
-  ``_label.nii.gz``) and ``{ct,mr}_test/…_image.nii.gz``; validation ids come from the config.
+* ``"mmwhs"`` — the MM-WHS folder layout (:func:`cinjax.data.mmwhs.discover`); validation ids come
+  from the config.
 
 Modalities are named in the config (``data.modalities``, e.g. ``{"CT": 0, "MR": 1}``; ids 0..M-1).
 """
@@ -20,20 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cinjax.data import mmwhs
 from cinjax.data.io import DataError
 
 SPLITS = ("training", "validation", "test")
-
-# MM-WHS label codes -> MI-Seg class ids (docs/mi-seg-spec.md §6.3; inverse of predict_whs.py's table).
-MMWHS_CODES: dict[int, int] = {500: 1, 600: 2, 420: 3, 550: 4, 205: 5, 820: 6, 850: 7}
-MMWHS_CLASS_NAMES = ("background", "LV", "RV", "LA", "RA", "Myo", "AA", "PA")
-
-# MI-Seg's validation ids (CT.json, MR.json) for the MM-WHS folder layout.
-MMWHS_VALIDATION_IDS = {"CT": (1002, 1003, 1013, 1018), "MR": (1002, 1009, 1017, 1018)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +100,7 @@ def label_code_map(spec: Any, num_classes: int) -> dict[int, int]:
         if spec == "identity":
             return {c: c for c in range(num_classes)}
         if spec == "mmwhs":
-            codes = dict(MMWHS_CODES)
+            codes = dict(mmwhs.CODES)
         else:
             raise DataError(
                 f"data.label_codes={spec!r}: expected 'identity', 'mmwhs' or a {{code: class}} map."
@@ -198,71 +191,23 @@ def read_datalist(
     return out
 
 
-_MMWHS_RE = r"^{prefix}_{part}_(\d+)_{suffix}\.nii(\.gz)?$"
-
-
-def discover_mmwhs(
-    root: str,
-    modalities: Mapping[str, int],
-    validation_ids: Mapping[str, Sequence[int]],
-    image_suffix: str = "image",
-    label_suffix: str = "label",
-    problems: list[str] | None = None,
+def _mmwhs_entries(
+    root: str, modalities: Mapping[str, int], mm: Any, problems: list[str] | None
 ) -> dict[str, list[Entry]]:
-    """Entries from the MM-WHS folder layout under ``root``.
-
-    ``<root>/<m>_train/<m>_train_<id>_<image_suffix>.nii.gz`` with ``…_<label_suffix>.nii.gz`` beside it
-    (``<m>`` = the lower-cased modality name) are split into training / validation by
-    ``validation_ids[name]``; ``<root>/<m>_test/<m>_test_<id>_image.nii.gz`` are test images.
-    """
-    out: dict[str, list[Entry]] = {s: [] for s in SPLITS}
-    fails: list[str] = []
-    for name, mid in modalities.items():
-        prefix = name.lower()
-        train_dir = os.path.join(root, f"{prefix}_train")
-        val_ids = {int(i) for i in validation_ids.get(name, ())}
-        if os.path.isdir(train_dir):
-            pattern = re.compile(
-                _MMWHS_RE.format(prefix=prefix, part="train", suffix=re.escape(image_suffix))
-            )
-            found = set()
-            for fname in sorted(os.listdir(train_dir)):
-                m = pattern.match(fname)
-                if not m:
-                    continue
-                vid = int(m.group(1))
-                found.add(vid)
-                image = os.path.join(train_dir, fname)
-                ext = ".nii.gz" if fname.endswith(".gz") else ".nii"
-                label = os.path.join(train_dir, f"{prefix}_train_{m.group(1)}_{label_suffix}{ext}")
-                if not os.path.exists(label):
-                    fails.append(f"{label}: label file for {image} does not exist.")
-                    continue
-                split = "validation" if vid in val_ids else "training"
-                out[split].append(Entry(image, label, int(mid), split, train_dir))
-            missing = sorted(val_ids - found)
-            if missing:
-                fails.append(
-                    f"{train_dir}: validation ids {missing} (data.mmwhs.validation_ids['{name}']) "
-                    "have no image file."
-                )
-        test_dir = os.path.join(root, f"{prefix}_test")
-        if os.path.isdir(test_dir):
-            pattern = re.compile(_MMWHS_RE.format(prefix=prefix, part="test", suffix="image"))
-            for fname in sorted(os.listdir(test_dir)):
-                if pattern.match(fname):
-                    out["test"].append(Entry(os.path.join(test_dir, fname), None, int(mid), "test", test_dir))
-    if not any(out.values()):
-        fails.append(
-            f"{root}: no MM-WHS volumes found; expected e.g. "
-            f"{os.path.join(root, 'ct_train', 'ct_train_1001_' + image_suffix + '.nii.gz')} for "
-            f"modalities {list(modalities)}."
-        )
+    """Entries of the MM-WHS folder layout (``data.mmwhs`` settings); see :func:`mmwhs.discover`."""
+    found, fails = mmwhs.discover(
+        root, list(modalities), dict(mm.validation_ids), mm.image_suffix, mm.label_suffix
+    )
     if fails and problems is None:
         raise DataError("\n".join(fails))
     if problems is not None:
         problems.extend(fails)
-    return out
+    return {
+        split: [
+            Entry(image, label, int(modalities[name]), split, folder) for image, label, name, folder in items
+        ]
+        for split, items in found.items()
+    }
 
 
 def collect_entries(data: Any, problems: list[str] | None = None) -> dict[str, list[Entry]]:
@@ -270,10 +215,7 @@ def collect_entries(data: Any, problems: list[str] | None = None) -> dict[str, l
     modalities = check_modalities(data.modalities)
     root = os.path.abspath(os.path.expanduser(data.root))
     if data.layout == "mmwhs":
-        mm = data.mmwhs
-        return discover_mmwhs(
-            root, modalities, dict(mm.validation_ids), mm.image_suffix, mm.label_suffix, problems=problems
-        )
+        return _mmwhs_entries(root, modalities, data.mmwhs, problems)
     if data.layout != "json":
         raise DataError(f"data.layout={data.layout!r}: expected 'json' or 'mmwhs'.")
     json_lists = list(data.json_lists)

@@ -45,10 +45,6 @@ class Geometry:
             "axcodes": list(self.axcodes),
         }
 
-    @classmethod
-    def from_json(cls, d: Mapping) -> Geometry:
-        return cls(affine=np.asarray(d["affine"], np.float64), shape=tuple(int(s) for s in d["shape"]))
-
 
 def _open(path: str, what: str) -> nib.Nifti1Image:
     if not os.path.exists(path):

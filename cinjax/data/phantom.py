@@ -43,22 +43,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from cinjax.data import mmwhs
+
 VERSION = 2  # bump whenever the rendered data change for the same parameters
 MANIFEST = "phantom_manifest.json"
-CT, MR = 0, 1
-
-# MM-WHS label codes in MI-Seg's class order 1..7 (predict_whs.py's inverse mapping).
-LABEL_CODES = (500, 600, 420, 550, 205, 820, 850)
-LABEL_NAMES = {
-    0: "background",
-    500: "left ventricle blood cavity",
-    600: "right ventricle blood cavity",
-    420: "left atrium blood cavity",
-    550: "right atrium blood cavity",
-    205: "left ventricle myocardium",
-    820: "ascending aorta",
-    850: "pulmonary artery",
-}
+CT, MR = mmwhs.MODALITIES["CT"], mmwhs.MODALITIES["MR"]
 
 # Tissue classes used for rendering intensities.
 AIR, LUNG, FAT, SOFT, BONE, MYO, BLOOD_L, BLOOD_R = range(8)
@@ -431,7 +420,7 @@ def _datalist(cfg: PhantomConfig, modality: int, ids: list[int]) -> dict[str, An
         "name": "MM-WHS phantom",
         "description": f"cinjax synthetic whole-heart {name} phantom (seed {cfg.seed}); label values are "
         "MM-WHS codes; test is held out from training and validation.",
-        "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+        "labels": {"0": "background", **{str(k): v for k, v in mmwhs.CODE_NAMES.items()}},
         "licence": "Apache-2.0 (synthetic data)",
         "reference": "cinjax.data.phantom",
         "release": f"phantom v{VERSION}",

@@ -298,7 +298,7 @@ class TrainLoader(grain.DatasetIterator):
     ``next(loader)`` returns the global batch of the next step; ``loader.local_batch`` is the host-local
     numpy batch it was built from (rows :attr:`local_rows` of the global batch), and
     :meth:`next_local` yields that numpy batch without touching devices (benchmarks, tests).
-    :attr:`last_wait_s` / :attr:`total_wait_s` time the wait for the data (not the device transfer),
+    :attr:`last_wait_s` times the wait for the data (not the device transfer),
     for the progress bar. State for checkpoints: :meth:`get_state` / :meth:`set_state`.
     """
 
@@ -322,12 +322,6 @@ class TrainLoader(grain.DatasetIterator):
         self.step = 0
         self.local_batch: dict[str, np.ndarray] | None = None
         self.last_wait_s = 0.0
-        self.total_wait_s = 0.0
-
-    @property
-    def grain_iterator(self) -> grain.DatasetIterator:
-        """The underlying grain iterator (its state is included in :meth:`get_state`)."""
-        return self._parent
 
     def expected_modalities(self, step: int) -> np.ndarray:
         """Modality ids of the ``B`` rows of the global batch of ``step`` (what the config prescribes)."""
@@ -340,7 +334,6 @@ class TrainLoader(grain.DatasetIterator):
         start = time.perf_counter()
         batch = next(self._parent)
         self.last_wait_s = time.perf_counter() - start
-        self.total_wait_s += self.last_wait_s
         expected = self.expected_modalities(self.step)[list(self.local_rows)]
         got = np.asarray(batch["modality"]).reshape(-1)
         if not np.array_equal(got, expected):

@@ -1,4 +1,4 @@
-"""Preprocess every volume once into the cache; invert the geometry of predictions.
+"""Preprocess every volume once into the cache (the grid maths is in :mod:`cinjax.data.geometry`).
 
 Per volume (MI-Seg's deterministic transforms 1–6, docs/mi-seg-spec.md §6.4):
 
@@ -19,7 +19,7 @@ Per volume (MI-Seg's deterministic transforms 1–6, docs/mi-seg-spec.md §6.4):
 4. intensity scaling of the image (``data.intensity``; default per-volume min–max to [0, 1]);
 5. symmetric constant-0 padding to at least ``data.roi``;
 6. write a cache entry (:func:`cinjax.data.cache.write_entry`) whose metadata holds everything needed to
-   invert steps 2–5 (:func:`invert_to_original`).
+   invert steps 2–5 (:func:`cinjax.data.geometry.invert_to_original`).
 
 Arrays in the cache are indexed in RAS voxel order (axes x, y, z after reorientation): MONAI's
 channel-first layout without the channel, i.e. exactly what MI-Seg's networks saw as (D, H, W).
@@ -71,7 +71,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import tqdm
 
@@ -85,113 +84,11 @@ from cinjax.data.datalist import (
     load_entries,
     modality_names,
 )
+from cinjax.data.geometry import resample, resampled_grid, to_ras
 from cinjax.data.io import DataError, Geometry, check_pair, load_image, load_label, map_label_codes
+from cinjax.shapes import padding_to
 
 VERSION = 1  # bump when the preprocessing output changes for the same settings
-_RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
-_AFFINE_TOL = 1e-4  # MONAI's AFFINE_TOL: below this a resampling is skipped
-
-
-# ----------------------------------------------------------------------------------------- geometry
-
-
-def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reorient to the closest RAS voxel order -> (array, new affine, ornt used)."""
-    ornt = nib.orientations.io_orientation(affine)
-    out = nib.orientations.apply_orientation(array, ornt)
-    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
-    return np.ascontiguousarray(out), new_affine, ornt
-
-
-def from_ras(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
-    """Undo :func:`to_ras` given the ``ornt`` it returned."""
-    back = nib.orientations.ornt_transform(_RAS, np.asarray(ornt, np.float64))
-    return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
-
-
-def _zoom_affine(affine: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """MONAI ``zoom_affine(diagonal=False)``: keep the rotation, set the voxel size, drop shear/shift."""
-    rzs = affine[:3, :3]
-    zs = np.linalg.cholesky(rzs.T @ rzs).T
-    rotation = rzs @ np.linalg.inv(zs)
-    out = np.eye(4)
-    out[:3, :3] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(np.asarray(spacing, np.float64)))
-    return out
-
-
-def resampled_grid(
-    affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float]
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Affine and shape of MONAI ``Spacing(pixdim=spacing)`` output (``compute_shape_offset``)."""
-    shape_f = np.asarray(shape, np.float64)
-    new = _zoom_affine(affine, spacing)
-    corners = np.asarray(np.meshgrid(*[(0.0, n - 1.0) for n in shape_f], indexing="ij")).reshape(3, -1)
-    corners = np.concatenate([corners, np.ones((1, corners.shape[1]))])
-    out_corners = np.linalg.solve(new, affine) @ corners
-    all_dist = out_corners[:-1].copy()
-    out_shape = np.round(np.ptp(out_corners[:-1] / out_corners[-1], axis=1) + 1.0)
-    world = affine @ corners
-    offset = None
-    for i in range(corners.shape[1]):
-        if np.allclose(np.min(all_dist - all_dist[:, i : i + 1], 1), 0.0, rtol=_AFFINE_TOL):
-            offset = world[:-1, i]
-            break
-    if offset is None:  # no corner is the minimum on every axis: centre-align (MONAI's fallback)
-        offset = affine[:3, :3] @ (shape_f / 2.0) + affine[:3, 3] - new[:3, :3] @ (out_shape / 2.0)
-    new[:3, 3] = offset
-    return new, tuple(int(s) for s in out_shape)
-
-
-def resample(
-    array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], mode: str
-) -> np.ndarray:
-    """Sample ``array`` (grid ``src_affine``) on the grid (``dst_affine``, ``dst_shape``).
-
-    ``mode`` is ``"linear"`` (trilinear, float64 maths, float32 out) or ``"nearest"`` (round half to
-    even, dtype kept). Coordinates outside the volume are clamped to it (MONAI ``padding_mode="border"``).
-    """
-    xform = np.linalg.solve(src_affine, dst_affine)
-    dst_shape = tuple(int(s) for s in dst_shape)
-    if np.allclose(xform, np.eye(4), atol=_AFFINE_TOL) and dst_shape == tuple(array.shape):
-        return array.astype(np.float32 if mode == "linear" else array.dtype, copy=True)
-    if mode not in ("linear", "nearest"):
-        raise ValueError(f"resample mode {mode!r}: expected 'linear' or 'nearest'.")
-    src_shape = array.shape
-    if np.allclose(xform[:3, :3], np.diag(np.diag(xform[:3, :3])), atol=1e-12):
-        # Axis-aligned: separable per-axis sampling (exactly trilinear / nearest, much faster).
-        out = array
-        # Shrinking axes first keeps the intermediates small (the result does not depend on the order).
-        for ax in sorted(range(3), key=lambda a: dst_shape[a] / src_shape[a]):
-            coords = np.clip(xform[ax, ax] * np.arange(dst_shape[ax]) + xform[ax, 3], 0, src_shape[ax] - 1)
-            if mode == "nearest":
-                out = np.take(out, np.rint(coords).astype(np.int64), axis=ax)
-            else:
-                lo = np.floor(coords).astype(np.int64)
-                hi = np.minimum(lo + 1, src_shape[ax] - 1)
-                w = (coords - lo).reshape([-1 if a == ax else 1 for a in range(3)])
-                out = np.take(out, lo, axis=ax) * (1.0 - w) + np.take(out, hi, axis=ax) * w
-        return out.astype(np.float32) if mode == "linear" else np.asarray(out, array.dtype)
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in dst_shape], indexing="ij"))
-    coords = np.einsum("ij,j...->i...", xform[:3, :3], grid) + xform[:3, 3].reshape(3, 1, 1, 1)
-    for ax in range(3):
-        coords[ax] = np.clip(coords[ax], 0, src_shape[ax] - 1)
-    if mode == "nearest":
-        idx = np.rint(coords).astype(np.int64)
-        return array[idx[0], idx[1], idx[2]]
-    from scipy import ndimage  # general (sheared) grids only
-
-    return ndimage.map_coordinates(np.asarray(array, np.float64), coords, order=1, mode="nearest").astype(
-        np.float32
-    )
-
-
-def pad_amounts(shape: Sequence[int], roi: Sequence[int]) -> list[tuple[int, int]]:
-    """Symmetric padding to at least ``roi`` (MONAI ``SpatialPad`` ``method="symmetric"``)."""
-    out = []
-    for n, r in zip(shape, roi):
-        extra = max(int(r) - int(n), 0)
-        out.append((extra // 2, extra - extra // 2))
-    return out
 
 
 # ---------------------------------------------------------------------------------------- intensity
@@ -327,7 +224,7 @@ def preprocess_volume(task: Task) -> tuple[np.ndarray, np.ndarray | None, dict[s
                 "use a finer data.spacing or drop the volume from the training list."
             )
     image = scale_intensity(image, task.intensity)
-    pads = pad_amounts(res_shape, task.roi)
+    pads = padding_to(res_shape, task.roi)
     image = np.pad(image, pads)
     if label is not None:
         label = np.pad(label, pads)
@@ -346,36 +243,6 @@ def preprocess_volume(task: Task) -> tuple[np.ndarray, np.ndarray | None, dict[s
         "spacing": list(Geometry(final_affine, image.shape).spacing),
     }
     return image, label, meta
-
-
-def invert_to_original(pred_label: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
-    """Undo padding, resampling (nearest) and reorientation of a cached-grid label map.
-
-    ``pred_label`` has the cache entry's shape (``meta["shape"]``); the result has the source file's
-    voxel grid, so it can be written with ``meta["original"]["affine"]`` (see :func:`original_affine`).
-    """
-    pred = np.asarray(pred_label)
-    if tuple(pred.shape) != tuple(meta["shape"]):
-        raise ValueError(
-            f"prediction shape {pred.shape} != cached volume shape {tuple(meta['shape'])} "
-            f"of {meta['source']['image']}."
-        )
-    pads = meta["pad"]
-    res_shape = meta["resampled"]["shape"]
-    pred = pred[tuple(slice(p[0], p[0] + n) for p, n in zip(pads, res_shape))]
-    pred = resample(
-        pred,
-        np.asarray(meta["resampled"]["affine"]),
-        np.asarray(meta["ras"]["affine"]),
-        meta["ras"]["shape"],
-        "nearest",
-    )
-    return from_ras(pred, np.asarray(meta["ornt"]))
-
-
-def original_affine(meta: Mapping[str, Any]) -> np.ndarray:
-    """The source file's affine (write :func:`invert_to_original` output with it)."""
-    return np.asarray(meta["original"]["affine"], np.float64)
 
 
 # ------------------------------------------------------------------------------------ cache, prepare
@@ -455,16 +322,15 @@ def _prepare_one(args: tuple[Task, str]) -> tuple[cache.VolumeRecord | None, boo
         return None, False, str(e)
 
 
-def _data_section(config: Any) -> Any:
+def data_section(config: Any) -> Any:
+    """The ``data`` section of a full config, or the argument itself when it is one."""
     return config.data if "data" in config else config
 
 
-def make_tasks(data: Any, splits: Sequence[str], problems: list[str] | None = None) -> list[Task]:
+def make_tasks(data: Any, entries: Mapping[str, Sequence[Entry]], splits: Sequence[str]) -> list[Task]:
     """One task per unique (image, label, modality) of the given splits, in datalist order."""
-    modalities = check_modalities(data.modalities)
-    names = modality_names(modalities)
+    names = modality_names(check_modalities(data.modalities))
     codes = label_code_map(data.label_codes, int(data.num_classes))
-    entries = collect_entries(data, problems) if problems is not None else load_entries(data)
     tasks: dict[tuple, Task] = {}
     for split in splits:
         if split not in SPLITS:
@@ -524,6 +390,7 @@ class PreparedData:
     label_codes: dict[int, int]
     num_classes: int
     class_names: tuple[str, ...]
+    union_name: str  # metrics report f"{union_name}_dice" (all foreground classes merged)
     cache_dir: str
     written: int = 0  # entries (re)built by this call; the rest were reused
 
@@ -548,9 +415,10 @@ def prepare(
 
     ``config`` is the full config (with a ``data`` section) or the data section itself.
     """
-    data = _data_section(config)
+    data = data_section(config)
     modalities = check_modalities(data.modalities)
-    tasks = make_tasks(data, splits)
+    entries = load_entries(data)
+    tasks = make_tasks(data, entries, splits)
     cache_dir = cache_dir_of(data)
     workers = int(data.preprocess_workers if workers is None else workers)
     # Reuse valid entries here (cheap), and only send the rest to the process pool.
@@ -568,7 +436,6 @@ def prepare(
     if errors:
         raise DataError(f"{len(errors)} bad volume(s); nothing was cached for them:\n" + "\n".join(errors))
     by_key = {(t.entry.image, t.entry.label, t.entry.modality): rec for t, (rec, _, _) in zip(tasks, results)}
-    entries = load_entries(data)
     names = modality_names(modalities)
     records: dict[str, dict[str, list[cache.VolumeRecord]]] = {}
     for split in splits:
@@ -581,6 +448,7 @@ def prepare(
         label_codes=label_code_map(data.label_codes, int(data.num_classes)),
         num_classes=int(data.num_classes),
         class_names=tuple(data.class_names),
+        union_name=str(data.union_name),
         cache_dir=cache_dir,
         written=sum(1 for _, w, _ in results if w),
     )
@@ -590,10 +458,10 @@ def verify(
     config: Any, splits: Sequence[str] = SPLITS, *, progress: bool = True, workers: int | None = None
 ) -> list[str]:
     """Every problem of every datalist and volume (messages name the file); empty when all is well."""
-    data = _data_section(config)
+    data = data_section(config)
     problems: list[str] = []
     try:
-        tasks = make_tasks(data, splits, problems)
+        tasks = make_tasks(data, collect_entries(data, problems), splits)
     except DataError as e:
         return problems + [str(e)]
     workers = int(data.preprocess_workers if workers is None else workers)
