@@ -20,68 +20,31 @@ Batches: 4 crops per step (2 CT + 2 MR per device slice on one device), 4 accumu
 update = the 16 crops per optimizer step of MI-Seg's README tuning run (batch 1 x 4 patches x 4).
 """
 
-import importlib.util
-import os
-
 from cinjax.config import base_config
+from cinjax.data import mmwhs
+from cinjax.models import presets
 
-
-def _presets():
-    spec = importlib.util.spec_from_file_location(
-        "cinjax_model_presets", os.path.join(os.path.dirname(os.path.abspath(__file__)), "models.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MODELS = {
-    "c_unet": lambda p: p.c_unet(),
-    "unet": lambda p: p.unet(),
-    "c_swin_unetr_fs36": lambda p: p.c_swin_unetr(36, 4),
-    "c_swin_unetr_fs48": lambda p: p.c_swin_unetr(48, 3),
-    "swin_unetr_fs36": lambda p: p.swin_unetr(36, 4),
-    "swin_unetr_fs48": lambda p: p.swin_unetr(48, 3),
-}
 VARIANTS = ("joint", "ct", "mr", "bf16", "remat")
 
 
 def get_config(arg: str = "c_unet"):
     name, *variants = [a.strip() for a in (arg or "c_unet").split(",") if a.strip()]
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r} in configs/mmwhs.py:{arg}; choose one of {sorted(MODELS)}.")
+    if name not in presets.PRESETS:
+        raise ValueError(
+            f"Unknown model {name!r} in configs/mmwhs.py:{arg}; choose one of {sorted(presets.PRESETS)}."
+        )
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS}.")
 
-    c = base_config()
-    c.model = MODELS[name](_presets())
-
-    d = c.data
-    d.root = ""
-    d.layout = "json"
-    d.json_lists = ("CT_fold1.json", "MR.json")
-    d.modalities = {"CT": 0, "MR": 1}
-    d.label_codes = "identity"
-    d.num_classes = 8
-    d.spacing = (1.0, 1.0, 1.0)
-    d.roi = (96, 96, 96)
-    d.intensity.mode = "minmax"
-    d.preprocess_workers = 4
-
+    c = base_config()  # MI-Seg's defaults: CT_fold1.json + MR.json, 1 mm, min-max, ROI 96^3, DiceFocal
+    c.model = presets.get(name)
+    c.data.union_name = mmwhs.UNION_NAME
+    c.data.preprocess_workers = 4
     c.loader.global_batch_size = 4
     c.loader.num_workers = 4
-    c.loss.name = "dice_focal"
-    c.loss.include_background = True
-
-    o = c.optim
-    o.name = "adamw"
-    o.lr = 1e-4
-    o.weight_decay = 1e-5
-    o.accumulate_steps = 4
-    o.schedule.name = "warmup_cosine"
-    o.schedule.warmup_steps = 325  # MI-Seg: 50 warmup epochs of 26 volumes x 4 patches / 16 crops
-    o.schedule.cycles = 0.5
+    c.optim.accumulate_steps = 4
+    c.optim.schedule.warmup_steps = 325  # MI-Seg: 50 warmup epochs of 26 volumes x 4 patches / 16 crops
 
     t = c.train
     t.num_steps = 64_000  # micro-steps: 16,000 updates ~ MI-Seg's 2,500 epochs of 104 crops
@@ -89,17 +52,12 @@ def get_config(arg: str = "c_unet"):
     t.eval_every = 2_000
     t.checkpoint_every = 1_000
 
-    c.eval.split = "validation"
-    c.eval.overlap = 0.5
-    c.eval.blend = "constant"
-    c.eval.windows_per_call = 4
-
     if "joint" in variants:
         c.loader.mode = "joint"
     for single in ("ct", "mr"):
         if single in variants:
             c.loader.mode = "single"
-            c.loader.single_modality = single.upper()
+            c.loader.single_modality_name = single.upper()
     if "bf16" in variants:
         c.train.dtype = "bfloat16"
     if "remat" in variants:

@@ -11,6 +11,7 @@ import pytest
 from _mi_seg import unet_state_dict
 from flax import traverse_util
 
+from cinjax.models import presets
 from cinjax.models.convert import (
     CheckpointMismatchError,
     load_mi_seg,
@@ -227,13 +228,19 @@ def test_mi_seg_flag_parsing():
 def test_convert_cli_round_trip(tiny, tmp_path):
     import torch
 
-    from cinjax.convert import load_converted, main
+    from cinjax import checkpointing, workdir
+    from cinjax.convert import main
+    from cinjax.models import build_model
 
     pt = tmp_path / "best.pt"
     torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tiny["sd"].items()}, "epoch": 1}, pt)
     out = tmp_path / "converted"
     main(["--checkpoint", str(pt), "--out", str(out), "--", *TINY_ARGS])
-    model, params = load_converted(out)
+    # What eval / predict do with a converted directory.
+    assert workdir.is_converted(out)
+    model = build_model(workdir.read_converted_model_config(out))
+    params, model_state = checkpointing.restore_inference_variables(out)
+    assert model_state == {}
     _, ref = load_mi_seg(str(pt), TINY_ARGS)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), ref)
     info = json.loads((out / "conversion.json").read_text())
@@ -261,16 +268,6 @@ def test_readme_swin_unetr_loads_strictly(section, n_params):
     assert cin and all(flat[p].shape[0] == 2 for p in cin)
 
 
-def _model_presets():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "models.py")
-    spec = importlib.util.spec_from_file_location("cinjax_model_presets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "preset, section",
     [
@@ -282,18 +279,17 @@ def _model_presets():
 def test_model_presets_equal_readme_commands(preset, section):
     argv, _ = keys_section(section)
     want = mi_seg_args_to_config(argv).to_dict()
-    got = _model_presets().get_config(preset).to_dict()
+    got = presets.get(preset).to_dict()
     for k, v in got.items():
         assert want[k] == v, f"{preset}.{k}: {v} != MI-Seg README {want[k]}"
 
 
 def test_non_conditional_presets():
-    presets = _model_presets()
-    assert presets.get_config("unet").encoder_norm == "instance"
-    cfg = presets.get_config("swin_unetr_fs36")
+    assert presets.get("unet").encoder_norm == "instance"
+    cfg = presets.get("swin_unetr_fs36")
     assert (cfg.encoder_norm, cfg.vit_norm, cfg.feature_size, cfg.num_heads) == ("instance", "layer", 36, 4)
     with pytest.raises(ValueError, match="Unknown model preset"):
-        presets.get_config("c_unetr")
+        presets.get("c_unetr")
 
 
 def test_load_monai_swin_unetr_strict():

@@ -1,6 +1,7 @@
-"""Models: layers → blocks → nets (C-UNet, C-Swin-UNETR) and weight converters.
+"""Models: layers → blocks → nets (C-UNet, C-Swin-UNETR), presets and weight converters.
 
-:func:`build_model` turns a model config (``name`` plus the module's fields) into a Flax module.
+:func:`build_model` turns a model config (``name`` plus the module's fields) into a Flax module and
+:func:`model_config` turns a module back into its config; :data:`MODEL_NAMES` is the registry.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import ml_collections
 
 MODEL_NAMES = ("unet_vanilla", "swin_unetr")
 
@@ -52,3 +54,12 @@ def build_model(model_config: Mapping[str, Any] | Any) -> nn.Module:
     if unknown:
         raise ValueError(f"Unknown field(s) {unknown} for model {name!r}; valid fields: {sorted(fields)}.")
     return cls(**kwargs)
+
+
+def model_config(model: nn.Module) -> ml_collections.ConfigDict:
+    """The config that :func:`build_model` turns back into ``model``."""
+    name = next((n for n in MODEL_NAMES if isinstance(model, _model_class(n))), None)
+    if name is None:
+        raise ValueError(f"{type(model).__name__} is not a registered model ({MODEL_NAMES}).")
+    fields = {k: getattr(model, k) for k in model.__dataclass_fields__ if k not in ("parent", "name")}
+    return ml_collections.ConfigDict({"name": name, **fields})
