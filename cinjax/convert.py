@@ -14,7 +14,8 @@ exactly as given to MI-Seg's ``train.py`` / ``predict_whs.py``. Writes
 * ``OUT/model_config.py``: the same as a ``get_config()`` file for ml_collections config flags,
 * ``OUT/conversion.json``: source checkpoint, MI-Seg flags, input channels and the load report.
 
-Restore with :func:`load_converted`.
+The directory works wherever a checkpoint is taken (``--config.eval.checkpoint=OUT``,
+``--config.predict.checkpoint=OUT``); its layout is :mod:`cinjax.workdir`'s.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
-import ml_collections
 import orbax.checkpoint as ocp
 
-from cinjax.models import build_model
+from cinjax import workdir
+from cinjax.models import model_config
 from cinjax.models.convert import load_mi_seg, parse_mi_seg_args
 
 _MODEL_CONFIG_PY = '''"""cinjax model config converted from an MI-Seg checkpoint (by cinjax.convert)."""
@@ -88,12 +88,12 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(out, "params"), params, force=args.overwrite)
+    ckptr.save(os.path.join(out, workdir.CONVERTED_PARAMS), params, force=args.overwrite)
     ckptr.wait_until_finished()
-    config = model_config_of(model)
-    with open(os.path.join(out, "config.json"), "w") as f:
+    config = model_config(model)
+    with open(os.path.join(out, workdir.CONFIG), "w") as f:
         f.write(config.to_json(indent=2))
-    with open(os.path.join(out, "model_config.py"), "w") as f:
+    with open(os.path.join(out, workdir.MODEL_CONFIG_PY), "w") as f:
         f.write(_MODEL_CONFIG_PY.format(config=json.loads(config.to_json())))
     info = {
         "source_checkpoint": os.path.abspath(args.checkpoint),
@@ -107,28 +107,10 @@ def convert(argv: Sequence[str]) -> dict[str, Any]:
             "mismatched": [list(map(str, m)) for m in report.mismatched],
         },
     }
-    with open(os.path.join(out, "conversion.json"), "w") as f:
+    with open(os.path.join(out, workdir.CONVERSION), "w") as f:
         json.dump(info, f, indent=2)
     print(f"wrote {out}/params, config.json, model_config.py, conversion.json")
     return info
-
-
-def model_config_of(model: nn.Module) -> ml_collections.ConfigDict:
-    """The config that :func:`cinjax.models.build_model` turns back into ``model``."""
-    from cinjax.models.unet import UNet
-
-    name = "unet_vanilla" if isinstance(model, UNet) else "swin_unetr"
-    fields = {k: getattr(model, k) for k in model.__dataclass_fields__ if k not in ("parent", "name")}
-    return ml_collections.ConfigDict({"name": name, **fields})
-
-
-def load_converted(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """``(model, params)`` from a directory written by this tool."""
-    directory = os.path.abspath(directory)
-    with open(os.path.join(directory, "config.json")) as f:
-        model = build_model(json.load(f))
-    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
-    return model, params
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,9 +1,9 @@
-"""Multi-process set-up, the ("data",) device mesh and host-local <-> global arrays.
+"""Multi-process set-up and the ("data",) device mesh.
 
 Data parallelism in cinjax is one mesh axis, ``"data"``, over every device of every process. Each
-process loads its own slice of the global batch (``local_batch_size``), turns it into one global
-``jax.Array`` sharded along the batch axis (``host_to_global``), and jitted steps let XLA insert the
-all-reduces. Metrics come back to every host with ``global_to_host``.
+process loads the rows of the global batch its devices hold and turns them into one global
+``jax.Array`` sharded along the batch axis (:class:`cinjax.data.pipeline.TrainLoader`); jitted steps
+let XLA insert the all-reduces.
 
 Multi-process runs call :func:`initialize` first, **before any other JAX call** (even
 ``jax.devices()`` initialises the backend, after which joining a distributed job is impossible).
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -164,43 +164,9 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def local_batch_size(global_batch: int, mesh: Mesh) -> int:
-    """Rows of the global batch this process must load (equal share per device of the mesh)."""
-    n = mesh.size
-    if global_batch % n:
-        raise ValueError(
-            f"Global batch size {global_batch} is not divisible by the {n} devices of the mesh; "
-            f"use a multiple of {n} (e.g. {max(n, global_batch // n * n)})."
-        )
-    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    return global_batch // n * local_devices
-
-
-def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's rows into global arrays sharded along the batch axis.
-
-    The local rows are split contiguously over this process's devices in mesh order; the global
-    batch is the concatenation of the processes' local batches in process order.
-    """
-    sharding = data_sharding(mesh)
-    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    out = {}
-    for key, value in local_batch.items():
-        value = np.asarray(value)
-        if value.ndim == 0 or value.shape[0] % local_devices:
-            raise ValueError(
-                f"Local batch entry {key!r} has shape {value.shape}: its leading (batch) axis must be "
-                f"divisible by the {local_devices} local devices of this process."
-            )
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out
-
-
-def global_to_host(x: jax.Array) -> np.ndarray:
-    """The full value of a (possibly multi-process) array as numpy, on every process."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+def local_mesh() -> Mesh:
+    """A 1-D ``("data",)`` mesh over this process's devices (per-process work such as inference)."""
+    return Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
 
 
 def sync(name: str) -> None:

@@ -19,6 +19,7 @@ buffer of ``(D, H, W, K)`` live on the device and only window start indices cros
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -31,16 +32,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cinjax.shapes import Triple, padding_to, triple
+
 Blend = Literal["constant", "gaussian"]
+BLENDS = ("constant", "gaussian")
 PredictFn = Callable[[jax.Array, jax.Array], jax.Array]
-Triple = tuple[int, int, int]
-
-
-def _triple_ints(v: int | Sequence[int], name: str) -> Triple:
-    v = (v,) * 3 if isinstance(v, (int, np.integer)) else tuple(v)
-    if len(v) != 3 or not all(isinstance(i, (int, np.integer)) and i > 0 for i in v):
-        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {v}.")
-    return tuple(int(i) for i in v)  # type: ignore[return-value]
 
 
 def _triple_overlap(overlap: float | Sequence[float]) -> tuple[float, float, float]:
@@ -50,26 +46,17 @@ def _triple_overlap(overlap: float | Sequence[float]) -> tuple[float, float, flo
     return o  # type: ignore[return-value]
 
 
-def padding_for(shape: Sequence[int], roi: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """Per-axis (before, after) padding that brings each axis up to the ROI (floor before, ceil after)."""
-    pads = []
-    for size, r in zip(shape, roi):
-        diff = max(r - size, 0)
-        pads.append((diff // 2, diff - diff // 2))
-    return tuple(pads)
-
-
 def dense_windows(
     shape: Sequence[int], roi: int | Sequence[int], overlap: float | Sequence[float] = 0.5
 ) -> list[Triple]:
     """Window start indices, d-major, as MONAI places them.
 
     ``shape`` is the spatial size of the volume; axes smaller than the ROI count as padded up to it
-    (the starts are then indices into the padded volume, see :func:`padding_for`).
+    (the starts are then indices into the padded volume, see :func:`cinjax.shapes.padding_to`).
     """
-    roi = _triple_ints(roi, "roi")
+    roi = triple(roi, "roi")
     overlap = _triple_overlap(overlap)
-    size = [max(int(s), r) for s, r in zip(_triple_ints(tuple(shape), "shape"), roi)]
+    size = [max(int(s), r) for s, r in zip(triple(tuple(shape), "shape"), roi)]
     per_axis = []
     for n, r, o in zip(size, roi, overlap):
         stride = r if r == n else max(int(r * (1 - o)), 1)
@@ -87,11 +74,11 @@ def importance_map(
     window centre and ``sigma = sigma_scale * roi``, clamped below at ``max(min, 1e-3)`` so that
     the border voxels keep a non-negligible weight.
     """
-    roi = _triple_ints(roi, "roi")
+    roi = triple(roi, "roi")
     if blend == "constant":
         return np.ones(roi, np.float32)
     if blend != "gaussian":
-        raise ValueError(f"blend must be 'constant' or 'gaussian', got {blend!r}.")
+        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}.")
     weight = None
     for axis, r in enumerate(roi):
         x = np.arange(r, dtype=np.float32) - np.float32((r - 1) / 2)
@@ -169,7 +156,7 @@ def sliding_window_inference(
     ``stitch_on_host=True``, else a device array. ``num_classes``, when given, is checked against
     the model's output.
     """
-    roi = _triple_ints(roi, "roi")
+    roi = triple(roi, "roi")
     if image.ndim != 4:
         raise ValueError(f"image must be (D, H, W, C) channels-last, got shape {image.shape}.")
     if isinstance(modality, bool) or not isinstance(modality, (int, np.integer)) or modality < 0:
@@ -179,7 +166,7 @@ def sliding_window_inference(
     if mesh is not None:
         _check_mesh(mesh, windows_per_call)
     shape = tuple(int(s) for s in image.shape[:3])
-    pads = padding_for(shape, roi)
+    pads = padding_to(shape, roi)
     starts = np.asarray(dense_windows(shape, roi, overlap), np.int32)
     weight = importance_map(roi, blend, sigma_scale)
     padded_shape = tuple(s + lo + hi for s, (lo, hi) in zip(shape, pads))
@@ -261,6 +248,27 @@ def _stitch_on_host(
         window(out, start)[...] += p * weight[..., None]
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowSettings:
+    """How a volume is cut into windows and stitched back (:func:`sliding_window_inference`)."""
+
+    roi: Triple
+    overlap: float | tuple[float, float, float] = 0.5
+    windows_per_call: int = 4
+    blend: Blend = "constant"
+    sigma_scale: float = 0.125
+    stitch_on_host: bool = False
+    pad_value: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "roi", triple(self.roi, "roi"))
+        _triple_overlap(self.overlap)
+        if self.windows_per_call < 1:
+            raise ValueError(f"windows_per_call must be >= 1, got {self.windows_per_call}.")
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {self.blend!r}.")
+
+
 class Prediction(NamedTuple):
     labels: np.ndarray  # (D, H, W) uint8 argmax over classes
     logits: np.ndarray | jax.Array  # (D, H, W, K) fp32
@@ -270,15 +278,18 @@ def predict_volume(
     predict_fn: PredictFn,
     image: np.ndarray | jax.Array,
     modality: int,
-    roi: int | Sequence[int],
-    **kwargs,
+    settings: WindowSettings,
+    *,
+    num_classes: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Prediction:
     """Sliding-window logits and their argmax labels (uint8, on host).
 
-    Keyword arguments as in :func:`sliding_window_inference`; with device stitching the argmax runs
-    on the device and only the labels are copied to the host.
+    With device stitching the argmax runs on the device and only the labels are copied to the host.
     """
-    logits = sliding_window_inference(predict_fn, image, modality, roi, **kwargs)
+    logits = sliding_window_inference(
+        predict_fn, image, modality, num_classes=num_classes, mesh=mesh, **dataclasses.asdict(settings)
+    )
     if logits.shape[-1] > 256:
         raise ValueError(f"{logits.shape[-1]} classes do not fit uint8 labels.")
     xp = np if isinstance(logits, np.ndarray) else jnp

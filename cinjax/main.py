@@ -46,11 +46,18 @@ def main(argv: list[str]) -> None:
         num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
     )
-    from cinjax import train
+    from cinjax import config as config_schema
+    from cinjax import evaluate, predict, train
 
     config = _CONFIG.value
+    config_schema.validate(config)
     logging.info("mode=%s workdir=%s", config.mode, _WORKDIR.value)
-    train.run(config, _WORKDIR.value)
+    modes = {
+        "train": train.train_and_evaluate,
+        "eval": evaluate.evaluate_checkpoint,
+        "predict": predict.predict,
+    }
+    modes[config.mode](config, _WORKDIR.value)
 
 
 def run() -> None:

@@ -20,7 +20,8 @@ MONAI conventions (MI-Seg used MONAI's DiceMetric / SurfaceDistanceMetric, docs/
 * Empty masks: both empty → NaN; exactly one empty → ``inf`` for both HD95 and ASSD. (MONAI returns
   ``inf`` for ASSD and for the plain Hausdorff distance but NaN for its percentile variant, an artefact
   of ``torch.quantile`` on all-inf input; we return ``inf`` consistently.)
-* **Whole-heart Dice**: every foreground class merged (``label > 0``), same empty convention.
+* **Union Dice** (``<union_name>_dice``; the whole-heart Dice for MM-WHS): every foreground class
+  merged (``label > 0``), same empty convention.
 
 :func:`summarize` aggregates per-volume results (from :func:`evaluate_volume`) into the results.json
 shape. Dice means ignore NaN. Distance means are taken over the volumes where the distance is finite,
@@ -34,13 +35,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-# MM-WHS classes 1..7 in MI-Seg's label order (docs/mi-seg-spec.md §6.3); 0 is background.
-DEFAULT_CLASS_NAMES = ("LV", "RV", "LA", "RA", "Myo", "AA", "PA")
 DISTANCE_KEYS = ("hd95_mm", "assd_mm")
 
 
@@ -110,20 +107,6 @@ def whole_foreground_dice(pred: np.ndarray, label: np.ndarray, *, ignore_empty: 
     cm[1, 0] = np.count_nonzero(g) - cm[1, 1]
     cm[0, 1] = np.count_nonzero(p) - cm[1, 1]
     return float(dice_from_confusion(cm, ignore_empty)[1])
-
-
-def batch_dice(pred: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-    """Jittable per-(sample, class) Dice ``(B, K)`` of label maps ``(B, ...)``; NaN where GT is empty.
-
-    For in-step logging (e.g. on ``argmax(logits, -1)`` of a training batch); float32.
-    """
-    axes = tuple(range(1, labels.ndim))
-    p = jax.nn.one_hot(pred, num_classes, dtype=jnp.float32)
-    g = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    tp = jnp.sum(p * g, axis=axes)
-    gt = jnp.sum(g, axis=axes)
-    denom = gt + jnp.sum(p, axis=axes)
-    return jnp.where(gt > 0, 2.0 * tp / jnp.where(denom > 0, denom, 1.0), jnp.nan)
 
 
 # ----------------------------------------------------------------------------------- surface distance
@@ -236,16 +219,17 @@ def evaluate_volume(
     label: np.ndarray,
     *,
     spacing: float | Sequence[float] | None,
+    class_names: Sequence[str],
     num_classes: int | None = None,
-    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
     key: str | None = None,
-    modality: str | None = None,
+    modality_name: str | None = None,
+    union_name: str = "whole_foreground",
     distances: bool = True,
     percentile: float = 95.0,
 ) -> dict[str, Any]:
     """All metrics of one volume (label maps of equal shape, spacing in mm per array axis).
 
-    Returns ``{"key", "modality", "mean_dice", "whole_heart_dice", "classes": {name: {"dice",
+    Returns ``{"key", "modality_name", "mean_dice", "<union_name>_dice", "classes": {name: {"dice",
     "hd95_mm", "assd_mm"}}}`` for the foreground classes ``1..K-1`` named by ``class_names``;
     ``mean_dice`` is the NaN-ignoring mean over those classes. ``distances=False`` skips HD95/ASSD.
     """
@@ -268,9 +252,9 @@ def evaluate_volume(
         classes[name] = entry
     return {
         "key": key,
-        "modality": modality,
+        "modality_name": modality_name,
         "mean_dice": _nanmean(dice),
-        "whole_heart_dice": whole_foreground_dice(pred, label),
+        f"{union_name}_dice": whole_foreground_dice(pred, label),
         "classes": classes,
     }
 
@@ -278,7 +262,9 @@ def evaluate_volume(
 # ------------------------------------------------------------------------------------- aggregation
 
 
-def _aggregate(volumes: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, Any]:
+def _aggregate(
+    volumes: Sequence[Mapping[str, Any]], class_names: Sequence[str], union_key: str
+) -> dict[str, Any]:
     classes: dict[str, dict[str, Any]] = {}
     for name in class_names:
         rows = [v["classes"][name] for v in volumes if name in v["classes"]]
@@ -297,31 +283,32 @@ def _aggregate(volumes: Sequence[Mapping[str, Any]], class_names: Sequence[str])
     for k in DISTANCE_KEYS:
         if any(k in c for c in classes.values()):
             out[f"mean_{k}"] = _nanmean([c.get(k, math.nan) for c in classes.values()])
-    out["whole_heart_dice"] = _nanmean([v["whole_heart_dice"] for v in volumes])
+    out[union_key] = _nanmean([v[union_key] for v in volumes])
     out["n_volumes"] = len(volumes)
     out["classes"] = classes
     return out
 
 
 def summarize(
-    volumes: Sequence[Mapping[str, Any]], class_names: Sequence[str] = DEFAULT_CLASS_NAMES
+    volumes: Sequence[Mapping[str, Any]], class_names: Sequence[str], union_name: str = "whole_foreground"
 ) -> dict[str, Any]:
     """Per-volume results (:func:`evaluate_volume`) → the results.json contract.
 
     ``{"mean_dice", "modalities": {name: {"mean_dice", "mean_hd95_mm", "mean_assd_mm",
-    "whole_heart_dice", "n_volumes", "classes": {class: {"dice", "n_volumes", "hd95_mm", "hd95_n_inf",
-    "assd_mm", "assd_n_inf"}}}}, "volumes": [...]}``. Per class: mean over volumes (Dice ignoring NaN,
-    distances over finite values, ``*_n_inf`` counting infinite ones); per modality: mean over
-    classes. The top-level ``mean_dice`` pools all volumes (per-class mean over every volume, then
+    "<union_name>_dice", "n_volumes", "classes": {class: {"dice", "n_volumes", "hd95_mm",
+    "hd95_n_inf", "assd_mm", "assd_n_inf"}}}}, "volumes": [...]}``. Per class: mean over volumes (Dice
+    ignoring NaN, distances over finite values, ``*_n_inf`` counting infinite ones); per modality: mean
+    over classes. The top-level ``mean_dice`` pools all volumes (per-class mean over every volume, then
     over classes: MI-Seg's model-selection number), so it is not the mean of the modality means.
     """
+    union_key = f"{union_name}_dice"
     by_modality: dict[str, list[Mapping[str, Any]]] = {}
     for v in volumes:
-        by_modality.setdefault(str(v.get("modality")), []).append(v)
-    pooled = _aggregate(volumes, class_names) if volumes else {"mean_dice": math.nan}
+        by_modality.setdefault(str(v.get("modality_name")), []).append(v)
+    pooled = _aggregate(volumes, class_names, union_key) if volumes else {"mean_dice": math.nan}
     return {
         "mean_dice": pooled["mean_dice"],
-        "modalities": {m: _aggregate(vs, class_names) for m, vs in by_modality.items()},
+        "modalities": {m: _aggregate(vs, class_names, union_key) for m, vs in by_modality.items()},
         "volumes": [dict(v) for v in volumes],
     }
 

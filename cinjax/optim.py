@@ -69,7 +69,9 @@ SCHEDULE_NAMES = ("warmup_cosine", "cosine", "constant", "reduce_on_plateau")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
-    """MI-Seg's optimizer defaults (tune.py / train.py): AdamW 1e-4, wd 1e-5, ReduceLROnPlateau(3)."""
+    """MI-Seg's optimizer defaults: AdamW 1e-4, wd 1e-5, and the warmup-cosine schedule of its README
+    tuning runs (its CLI default, ReduceLROnPlateau(patience 3) on the validation loss, is one switch
+    away: ``schedule.name="reduce_on_plateau"``)."""
     return ml_collections.ConfigDict(
         {
             "name": "adamw",
@@ -83,7 +85,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
             "clip_norm": 0.0,
             "accumulate_steps": 1,
             "schedule": {
-                "name": "reduce_on_plateau",
+                "name": "warmup_cosine",
                 "warmup_steps": 50,
                 "total_steps": ml_collections.FieldReference(None, field_type=int),
                 "cycles": 0.5,
@@ -159,15 +161,15 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> Schedu
     o = config.optim
     s = o.schedule
     if s.name == "warmup_cosine":
-        total = s.get("total_steps") or total_steps
-        fn = warmup_cosine_schedule(o.lr, s.warmup_steps, total, s.cycles, s.get("warmup_multiplier", 0.0))
+        total = s.total_steps or total_steps
+        fn = warmup_cosine_schedule(o.lr, s.warmup_steps, total, s.cycles, s.warmup_multiplier)
     elif s.name == "cosine":
-        fn = cosine_annealing_schedule(o.lr, s.t_max, s.get("min_lr", 0.0))
+        fn = cosine_annealing_schedule(o.lr, s.t_max, s.min_lr)
     elif s.name in ("constant", "reduce_on_plateau"):
         fn = optax.constant_schedule(o.lr)
     else:
         raise ValueError(f"Unknown config.optim.schedule.name {s.name!r}; choose one of {SCHEDULE_NAMES}.")
-    return per_epoch(fn, int(s.get("steps_per_epoch", 1)))
+    return per_epoch(fn, int(s.steps_per_epoch))
 
 
 # ---------------------------------------------------------------------------------- lr multiplier
@@ -223,14 +225,6 @@ def set_lr_multiplier(opt_state: Any, multiplier: float) -> Any:
     return out
 
 
-def get_lr_multiplier(opt_state: Any) -> float:
-    """The current ``lr_multiplier`` of an optimizer state built by :func:`make_optimizer`."""
-    leaves = [n for n in jax.tree.leaves(opt_state, is_leaf=_is_multiplier) if _is_multiplier(n)]
-    if not leaves:
-        raise ValueError("opt_state has no lr_multiplier; build the optimizer with make_optimizer().")
-    return float(leaves[0].lr_multiplier)
-
-
 class PlateauController:
     """torch ``ReduceLROnPlateau`` on the host, expressed as an lr multiplier.
 
@@ -276,13 +270,13 @@ class PlateauController:
         s = config.optim.schedule
         return cls(
             config.optim.lr,
-            mode=s.get("plateau_mode", "min"),
-            factor=s.get("plateau_factor", 0.1),
-            patience=s.get("plateau_patience", 3),
-            threshold=s.get("plateau_threshold", 1e-4),
-            threshold_mode=s.get("plateau_threshold_mode", "rel"),
-            cooldown=s.get("plateau_cooldown", 0),
-            min_lr=s.get("min_lr", 0.0),
+            mode=s.plateau_mode,
+            factor=s.plateau_factor,
+            patience=s.plateau_patience,
+            threshold=s.plateau_threshold,
+            threshold_mode=s.plateau_threshold_mode,
+            cooldown=s.plateau_cooldown,
+            min_lr=s.min_lr,
         )
 
     @property
@@ -334,22 +328,58 @@ class PlateauController:
         self.num_bad, self.cooldown_counter = int(state["num_bad"]), int(state["cooldown_counter"])
 
 
+class PlateauSchedule:
+    """``schedule.name="reduce_on_plateau"`` in the training loop: feeds each evaluation to a
+    :class:`PlateauController` and writes the resulting multiplier into the optimizer state.
+
+    ``schedule.plateau_metric`` picks the evaluation value: ``"loss"`` (MI-Seg's validation loss; the
+    evaluation then computes it, see :attr:`needs_eval_loss`) or ``"dice"`` (mean Dice).
+    """
+
+    RESULT_KEYS = {"loss": "loss", "dice": "mean_dice"}
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.metric = config.optim.schedule.plateau_metric
+        if self.metric not in self.RESULT_KEYS:
+            raise ValueError(f"plateau_metric must be one of {tuple(self.RESULT_KEYS)}, got {self.metric!r}.")
+        self.controller = PlateauController.from_config(config)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> PlateauSchedule | None:
+        """The wiring when the config asks for a plateau schedule, else None."""
+        return cls(config) if config.optim.schedule.name == "reduce_on_plateau" else None
+
+    @property
+    def needs_eval_loss(self) -> bool:
+        return self.metric == "loss"
+
+    def update(self, opt_state: Any, results: dict[str, Any]) -> Any:
+        """``opt_state`` with the multiplier after feeding one evaluation's ``results``."""
+        multiplier = self.controller.step(results[self.RESULT_KEYS[self.metric]])
+        return set_lr_multiplier(opt_state, multiplier)
+
+    def state_dict(self) -> dict[str, float]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.controller.load_state_dict(state)
+
+
 # ---------------------------------------------------------------------------------------- optimizer
 
 
 def _core(o: ml_collections.ConfigDict) -> list[optax.GradientTransformation]:
-    wd = float(o.get("weight_decay", 0.0))
-    if o.name == "adamw":
-        adam = optax.scale_by_adam(b1=o.get("b1", 0.9), b2=o.get("b2", 0.999), eps=o.get("eps", 1e-8))
-        return [adam, optax.add_decayed_weights(wd)] if wd else [adam]
-    if o.name == "adam":
-        adam = optax.scale_by_adam(b1=o.get("b1", 0.9), b2=o.get("b2", 0.999), eps=o.get("eps", 1e-8))
-        return [optax.add_decayed_weights(wd), adam] if wd else [adam]
+    wd = float(o.weight_decay)
+    if o.name in ("adamw", "adam"):
+        adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+        if not wd:
+            return [adam]
+        decay = optax.add_decayed_weights(wd)
+        return [adam, decay] if o.name == "adamw" else [decay, adam]  # AdamW decays after, Adam's L2 before
     if o.name == "sgd":
         parts = [optax.add_decayed_weights(wd)] if wd else []
-        momentum = float(o.get("momentum", 0.0))
-        if momentum:
-            parts.append(optax.trace(decay=momentum, nesterov=bool(o.get("nesterov", True))))
+        if o.momentum:
+            parts.append(optax.trace(decay=float(o.momentum), nesterov=bool(o.nesterov)))
         return parts
     raise ValueError(f"Unknown config.optim.name {o.name!r}; choose one of {OPTIMIZER_NAMES}.")
 
@@ -367,13 +397,13 @@ def make_optimizer(
     o = config.optim
     schedule = make_schedule(config, total_steps)
     parts = []
-    clip = o.get("clip_norm", 0.0)
+    clip = o.clip_norm
     if clip:
         parts.append(optax.clip_by_global_norm(float(clip)))
     parts += _core(o)
     parts += [optax.scale_by_learning_rate(schedule), scale_by_lr_multiplier()]
     tx = optax.chain(*parts)
-    k = int(o.get("accumulate_steps", 1))
+    k = int(o.accumulate_steps)
     if k < 1:
         raise ValueError(f"config.optim.accumulate_steps must be >= 1, got {k}.")
     if k > 1:

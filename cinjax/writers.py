@@ -1,16 +1,17 @@
 """What users see while training: metrics.jsonl + TensorBoard, a progress bar, PNG slice panels.
 
-Only the main process (``jax.process_index() == 0``) writes; on other processes every writer is
-a no-op, so the training loop calls them unconditionally.
+Only the main process (process 0) writes; on other processes every writer is a no-op, so the
+training loop calls them unconditionally.
 
-``metrics.jsonl`` holds one JSON object per logged train step or eval::
+``metrics.jsonl`` holds one JSON object per logged train step or evaluation; ``stream`` says which
+(``"train"`` or ``"eval"``; TensorBoard has one run per stream under ``tb/<stream>/``)::
 
-    {"step": 100, "split": "train", "loss": 0.42, "lr": 0.0001, "crops_per_s": 11.3}
-    {"step": 500, "split": "eval", "mean_dice": 0.81, "CT/mean_dice": 0.84, "CT/LV/dice": 0.9}
+    {"step": 100, "stream": "train", "loss": 0.42, "lr": 0.0001, "crops_per_s": 11.3}
+    {"step": 500, "stream": "eval", "mean_dice": 0.81, "CT/mean_dice": 0.84, "CT/LV/dice": 0.9}
 
 Nested dicts are flattened with ``/``. Non-finite values (NaN, ±inf) are not valid JSON, so they
 are written as ``null`` and named in a ``"nonfinite"`` entry, e.g.
-``{"step": 7, "split": "train", "loss": null, "nonfinite": {"loss": "nan"}}``.
+``{"step": 7, "stream": "train", "loss": null, "nonfinite": {"loss": "nan"}}``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
-import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-RESERVED_KEYS = ("step", "split", "nonfinite")
+from cinjax import workdir as workdir_layout
+from cinjax.distributed import is_main_process
 
-
-def is_main_process() -> bool:
-    """Whether this process writes logs, panels and progress (process 0)."""
-    return jax.process_index() == 0
+RESERVED_KEYS = ("step", "stream", "nonfinite")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -67,11 +65,11 @@ def _nonfinite_name(value: float) -> str:
 
 
 class MetricWriter:
-    """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard (``<workdir>/tb/<split>/``).
+    """Writes scalars to ``<workdir>/metrics.jsonl`` and TensorBoard (``<workdir>/tb/<stream>/``).
 
     Args:
       workdir: the run's workdir.
-      is_main: whether this process writes; default ``jax.process_index() == 0``.
+      is_main: whether this process writes; default: process 0 only.
       tensorboard: also write TensorBoard event files (tensorboardX, no TensorFlow needed).
       flush_secs: how often TensorBoard flushes to disk in the background.
 
@@ -89,8 +87,8 @@ class MetricWriter:
     ):
         self.is_main = is_main_process() if is_main is None else bool(is_main)
         self.workdir = os.fspath(workdir)
-        self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
-        self.tb_dir = os.path.join(self.workdir, "tb")
+        self.jsonl_path = os.path.join(self.workdir, workdir_layout.METRICS)
+        self.tb_dir = os.path.join(self.workdir, workdir_layout.TENSORBOARD)
         self._tensorboard = tensorboard
         self._flush_secs = flush_secs
         self._tb_writers: dict[str, Any] = {}
@@ -99,20 +97,20 @@ class MetricWriter:
             os.makedirs(self.workdir, exist_ok=True)
             self._jsonl = open(self.jsonl_path, "a", buffering=1)
 
-    def _tb(self, split: str):
-        if split not in self._tb_writers:
+    def _tb(self, stream: str):
+        if stream not in self._tb_writers:
             from tensorboardX import SummaryWriter  # Imported lazily: it starts a writer thread.
 
-            self._tb_writers[split] = SummaryWriter(
-                logdir=os.path.join(self.tb_dir, split), flush_secs=self._flush_secs
+            self._tb_writers[stream] = SummaryWriter(
+                logdir=os.path.join(self.tb_dir, stream), flush_secs=self._flush_secs
             )
-        return self._tb_writers[split]
+        return self._tb_writers[stream]
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any], split: str = "train") -> None:
-        """Logs one record: ``{"step": step, "split": split, **flattened scalars}``."""
+    def write_scalars(self, step: int, scalars: Mapping[str, Any], stream: str = "train") -> None:
+        """Logs one record: ``{"step": step, "stream": stream, **flattened scalars}``."""
         if not self.is_main:
             return
-        record: dict[str, Any] = {"step": int(step), "split": split}
+        record: dict[str, Any] = {"step": int(step), "stream": stream}
         nonfinite: dict[str, str] = {}
         numeric: dict[str, float] = {}
         for name, value in _flatten(scalars).items():
@@ -130,24 +128,9 @@ class MetricWriter:
             record["nonfinite"] = nonfinite
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tensorboard:
-            writer = self._tb(split)
+            writer = self._tb(stream)
             for name, value in numeric.items():
                 writer.add_scalar(name, value, int(step))
-
-    def write_hparams(self, hparams: Mapping[str, Any] | Any, step: int = 0) -> None:
-        """Writes the config (a mapping or ``ml_collections.ConfigDict``) as a TensorBoard text table."""
-        if not self.is_main or not self._tensorboard:
-            return
-        if hasattr(hparams, "to_dict"):
-            hparams = hparams.to_dict()
-        flat = _flatten(hparams, sep=".")
-        rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in sorted(flat.items()))
-        self._tb("train").add_text("config", f"| key | value |\n|---|---|\n{rows}", int(step))
-
-    def write_text(self, step: int, tag: str, text: str, split: str = "train") -> None:
-        """Writes free text (markdown) to TensorBoard, e.g. a per-class results table."""
-        if self.is_main and self._tensorboard:
-            self._tb(split).add_text(tag, text, int(step))
 
     def drop_after(self, step: int) -> None:
         """Removes JSONL records with a step after ``step`` (call after resuming from ``step``).
@@ -216,7 +199,7 @@ class ProgressBar:
       total: last step of training.
       initial: step training resumes from.
       crops_per_step: global batch size, to turn step time into crops/s (optional).
-      is_main: whether this process shows progress; default ``jax.process_index() == 0``.
+      is_main: whether this process shows progress; default: process 0 only.
       file: where to write; default ``sys.stderr``.
       log_every: non-TTY line interval in steps; default about 20 lines over the run (1–100).
       desc: label shown in front.
@@ -477,38 +460,32 @@ def save_panel_png(
 
 
 def save_modality_panels(
-    workdir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
     step: int,
-    samples_by_modality: Mapping[str, Sequence[np.ndarray] | Mapping[str, np.ndarray]],
+    samples_by_modality: Mapping[str, Sequence[np.ndarray]],
     *,
     num_classes: int,
     is_main: bool | None = None,
     scale: int = 2,
 ) -> list[str]:
-    """Writes one panel per modality to ``<workdir>/eval/panels/step_<step:06d>_<modality>.png``.
+    """Writes one panel per modality to ``<out_dir>/step_<step:06d>_<modality_name>.png``.
 
-    ``samples_by_modality`` maps a modality name (e.g. ``"CT"``) to ``(image, label, pred)``
-    or ``{"image": ..., "label": ..., "pred": ...}`` (host arrays, one volume each).
-    Returns the written paths (empty on non-main processes).
+    ``samples_by_modality`` maps a modality name (e.g. ``"CT"``) to ``(image, label, pred)`` (host
+    arrays, one volume each). Returns the written paths (empty on non-main processes).
     """
     if not (is_main_process() if is_main is None else is_main):
         return []
-    out_dir = os.path.join(os.fspath(workdir), "eval", "panels")
     paths = []
-    for modality, sample in samples_by_modality.items():
-        if isinstance(sample, Mapping):
-            image, label, pred = sample["image"], sample["label"], sample["pred"]
-        else:
-            image, label, pred = sample
-        safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(modality))
-        path = os.path.join(out_dir, f"step_{int(step):06d}_{safe_name}.png")
+    for modality_name, (image, label, pred) in samples_by_modality.items():
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(modality_name))
+        path = os.path.join(os.fspath(out_dir), f"step_{int(step):06d}_{safe_name}.png")
         paths.append(
             save_panel_png(
                 path,
                 image,
                 label,
                 pred,
-                title=f"{modality} step {int(step)}",
+                title=f"{modality_name} step {int(step)}",
                 num_classes=num_classes,
                 scale=scale,
             )

@@ -22,15 +22,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cinjax.checkpointing import (
-    Checkpointer,
-    CheckpointNotFoundError,
-    PreemptionFlag,
-    WorkdirError,
-    check_workdir_writable,
-    restore_inference_variables,
-    restore_params_only,
-)
+from cinjax.checkpointing import Checkpointer, CheckpointNotFoundError, restore_inference_variables
+from cinjax.preemption import PreemptionFlag
+from cinjax.workdir import Workdir, WorkdirError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,10 +83,9 @@ def state():
 def test_roundtrip_adamw_state_step_rng(tmp_path, state):
     with Checkpointer(tmp_path, config_hash="abc") as ckpt:
         assert ckpt.restore_latest(_abstract(state)) is None
-        assert ckpt.save(7, state, metrics={"loss": 0.5, "bad": float("nan")})
+        assert ckpt.save(7, state, meta={"plateau": {"best": 0.5, "bad": float("nan")}})
         ckpt.wait()
-        step, restored = ckpt.restore_latest(_abstract(state))
-        meta = ckpt.metadata()
+        step, restored, meta = ckpt.restore_latest(_abstract(state))
     assert step == 7
     _assert_tree_equal(restored, state)
     assert isinstance(restored["opt_state"][0], optax.ScaleByAdamState)
@@ -102,7 +95,7 @@ def test_roundtrip_adamw_state_step_rng(tmp_path, state):
         jax.random.normal(restored["rng"], (4,)), jax.random.normal(state["rng"], (4,))
     )
     assert meta["config_hash"] == "abc" and meta["step"] == 7
-    assert meta["metrics"] == {"loss": 0.5, "bad": None}
+    assert meta["plateau"] == {"best": 0.5, "bad": None}
 
 
 def test_async_save_survives_donating_the_state(tmp_path, state):
@@ -117,41 +110,42 @@ def test_async_save_survives_donating_the_state(tmp_path, state):
             live = overwrite(live)
         jax.block_until_ready(live)
         ckpt.wait()
-        _, restored = ckpt.restore_latest(_abstract(state))
+        _, restored, _ = ckpt.restore_latest(_abstract(state))
     assert float(live["params"]["head"]["bias"][0]) == 7.0
     _assert_tree_equal(restored, state)  # `live` was a copy of `state`; its buffers were donated
 
 
 def test_latest_and_best_are_kept_separately(tmp_path, state):
+    best_state = {"params": state["params"], "model_state": {}}
     with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         for step in (1, 2, 3, 4):
             assert ckpt.save(step, state)
-        assert ckpt.save_best(2, state, dice=0.8)
-        assert not ckpt.save_best(3, state, dice=float("nan"))
-        assert not ckpt.save_best(4, state, dice=0.5)  # worse: the best stays at step 2
+        assert ckpt.save_best(2, best_state, dice=0.8)
+        assert not ckpt.save_best(3, best_state, dice=float("nan"))
+        assert not ckpt.save_best(4, best_state, dice=0.5)  # worse: the best stays at step 2
         ckpt.wait()
         assert ckpt.latest_step() == 4 and ckpt.best_step() == 2
     assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["3", "4"]
     assert os.listdir(tmp_path / "checkpoints" / "best") == ["2"]
     # A new process sees the same and remembers the best Dice, so a worse eval never replaces it.
+    better = {"params": _make_state(seed=2)["params"], "model_state": {}}
     with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         assert ckpt.best_dice == pytest.approx(0.8)
-        assert not ckpt.save_best(5, state, dice=0.79)
-        assert ckpt.save_best(6, state, dice=0.9)
+        assert not ckpt.save_best(5, best_state, dice=0.79)
+        assert ckpt.save_best(6, better, dice=0.9)
         ckpt.wait()
-        step, best = ckpt.restore_best(_abstract(state))
-    assert step == 6
-    _assert_tree_equal(best, state)
+        assert ckpt.best_step() == 6
+    params, _ = restore_inference_variables(tmp_path, prefer="best")
+    _assert_tree_equal(params, jax.tree.map(np.asarray, better["params"]))
     assert os.listdir(tmp_path / "checkpoints" / "best") == ["6"]
     assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["3", "4"]
 
 
-def test_save_interval_force_and_duplicates(tmp_path, state):
-    with Checkpointer(tmp_path, save_every_steps=5, async_save=False) as ckpt:
-        assert not ckpt.save(3, state)
+def test_save_skips_a_step_already_on_disk(tmp_path, state):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
         assert ckpt.save(5, state)
-        assert not ckpt.save(5, state, force=True)  # already on disk: no error, no rewrite
-        assert ckpt.save(6, state, force=True)
+        assert not ckpt.save(5, state)  # already on disk: no error, no rewrite
+        assert ckpt.save(6, state)
         assert ckpt.latest_step() == 6
 
 
@@ -166,7 +160,7 @@ def test_data_iterator_state_roundtrip_with_async_save(tmp_path, state):
         assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(tmp_path / "checkpoints" / "latest"))
     fresh = _iterator()
     with Checkpointer(tmp_path) as ckpt:
-        step, _ = ckpt.restore_latest(_abstract(state), data_iter=fresh)
+        step, _, _ = ckpt.restore_latest(_abstract(state), data_iter=fresh)
     assert step == 5
     assert [next(fresh) for _ in range(8)] == expected
     assert sorted(seen + expected) != list(range(13))  # the shuffle is real, so order matters
@@ -184,7 +178,7 @@ def test_data_iterator_missing_or_from_other_process_count(tmp_path, state, capl
     shutil.rmtree(tmp_path / "checkpoints" / "latest" / "2")
     fresh = _iterator()
     with Checkpointer(tmp_path) as ckpt:
-        step, _ = ckpt.restore_latest(_abstract(state), data_iter=fresh)
+        step, _, _ = ckpt.restore_latest(_abstract(state), data_iter=fresh)
     assert step == 1 and "no data-iterator state" in caplog.text
     assert [next(fresh) for _ in range(5)] == list(itertools.islice(_iterator(), 5))  # untouched
 
@@ -200,7 +194,7 @@ def test_restore_onto_8_device_mesh(tmp_path, state):
 
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, state)
-        step, restored = ckpt.restore_latest(_abstract(state, sharding_fn))
+        step, restored, _ = ckpt.restore_latest(_abstract(state, sharding_fn))
     assert step == 1
     _assert_tree_equal(restored, state)
     head = restored["params"]["head"]["kernel"]
@@ -209,12 +203,8 @@ def test_restore_onto_8_device_mesh(tmp_path, state):
     assert restored["params"]["conv"]["kernel"].sharding == replicated
     assert restored["opt_state"][0].mu["head"]["kernel"].sharding == data_sharded
 
-    params = restore_params_only(tmp_path, _abstract(state["params"], sharding_fn), prefer="latest")
-    _assert_tree_equal(params, state["params"])
-    assert params["head"]["kernel"].sharding == data_sharded
 
-
-def test_restore_params_only_sources(tmp_path, state):
+def test_restore_inference_variables_sources(tmp_path, state):
     workdir = tmp_path / "run"
     with Checkpointer(workdir, async_save=False) as ckpt:
         ckpt.save(1, state)
@@ -227,7 +217,7 @@ def test_restore_params_only_sources(tmp_path, state):
         (workdir / "checkpoints" / "latest", {}, latest_params),  # manager dir → newest step
         (workdir / "checkpoints" / "latest" / "1", {}, state["params"]),  # one step dir
     ]:
-        params = restore_params_only(path, **kwargs)
+        params, _ = restore_inference_variables(path, **kwargs)
         assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
         _assert_tree_equal(params, jax.tree.map(np.asarray, expected))
     # A converted-weights directory: params written by orbax under DIR/params.
@@ -235,11 +225,13 @@ def test_restore_params_only_sources(tmp_path, state):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(converted / "params", state["params"])
     checkpointer.wait_until_finished()
-    _assert_tree_equal(restore_params_only(converted), jax.tree.map(np.asarray, state["params"]))
+    params, model_state = restore_inference_variables(converted)
+    _assert_tree_equal(params, jax.tree.map(np.asarray, state["params"]))
+    assert model_state == {}
     with pytest.raises(CheckpointNotFoundError, match="No checkpoint found"):
-        restore_params_only(tmp_path)
+        restore_inference_variables(tmp_path)
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
-        restore_params_only(tmp_path / "missing")
+        restore_inference_variables(tmp_path / "missing")
 
 
 def test_restore_inference_variables_with_model_state(tmp_path, state):
@@ -305,7 +297,7 @@ def test_sigkill_mid_save_keeps_newest_complete_checkpoint(tmp_path):
     }
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         assert ckpt.latest_step() == 1
-        step, restored = ckpt.restore_latest(abstract)
+        step, restored, _ = ckpt.restore_latest(abstract)
         assert step == 1
         np.testing.assert_array_equal(restored["w"], np.full((64, 64), 1.0, np.float32))
         # The step can be saved again, and the half-written tmp dir is cleaned up (before the save).
@@ -324,7 +316,8 @@ _MULTI_PROCESS_CHILD = textwrap.dedent(
     import grain
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from cinjax.checkpointing import Checkpointer, PreemptionFlag
+    from cinjax.checkpointing import Checkpointer
+    from cinjax.preemption import PreemptionFlag
 
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     local_w = np.arange(4 * pid, 4 * pid + 4, dtype=np.float32).reshape(4, 1)
@@ -341,13 +334,10 @@ _MULTI_PROCESS_CHILD = textwrap.dedent(
     for step in range(1, 40):
         next(it)
         if step == 3 and pid == 1:  # only process 1 is told to stop
-            if mode == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            else:
-                flag.set()
+            os.kill(os.getpid(), signal.SIGTERM if mode == "sigterm" else signal.SIGINT)
         if flag.should_stop(step):
             stop_step = step
-            ckpt.save(step, state, data_iter=it, force=True)
+            ckpt.save(step, state, data_iter=it)
             break
         time.sleep(0.05)
     expected = [next(it) for _ in range(3)]
@@ -355,7 +345,7 @@ _MULTI_PROCESS_CHILD = textwrap.dedent(
     it2 = make_iter()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     with Checkpointer(workdir) as ckpt:
-        step, restored = ckpt.restore_latest(abstract, data_iter=it2)
+        step, restored, _ = ckpt.restore_latest(abstract, data_iter=it2)
     shards = np.concatenate([np.asarray(s.data) for s in restored["w"].addressable_shards])
     print("RESULT" + json.dumps({"stop": stop_step, "restored": step, "w": shards.ravel().tolist(),
                                  "next_ok": [next(it2) for _ in range(3)] == expected}), flush=True)
@@ -373,7 +363,7 @@ def _free_port() -> int:
 def test_two_processes_agree_on_stop_step(tmp_path, mode):
     """One process gets the stop request; both stop, save and restore at the same step.
 
-    ``flag``: a local stop request (SIGINT / ``set()``) reaches the other process through the
+    ``flag``: a local stop request (SIGINT) reaches the other process through the
     periodic all-gather. ``sigterm``: JAX's preemption service catches SIGTERM and both processes
     reach its sync point together.
     """
@@ -409,6 +399,9 @@ def test_two_processes_agree_on_stop_step(tmp_path, mode):
 
 
 def test_workdir_preflight(tmp_path):
+    def check_workdir_writable(path, min_free_bytes=1):
+        return Workdir(path).check(min_free_bytes)
+
     assert check_workdir_writable(tmp_path / "new" / "dir", min_free_bytes=1) > 0
     assert os.path.isdir(tmp_path / "new" / "dir")
     blocker = tmp_path / "a_file"
@@ -435,7 +428,7 @@ def test_preemption_flag_from_signals():
     with PreemptionFlag() as flag:
         assert not flag.should_stop(1)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.is_set and flag.should_stop(2)
+        assert flag.should_stop(2)
         assert flag.signal_name == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):  # Ctrl-C after a stop request: stop now
             os.kill(os.getpid(), signal.SIGINT)

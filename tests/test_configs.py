@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from cinjax import train
+from cinjax import build
+from cinjax.config import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAMS = {"c_unet": 62_562_904, "c_swin_unetr_fs36": 35_162_156}
@@ -23,15 +24,15 @@ def load(path: str, arg: str | None = None):
 
 
 def _num_params(config) -> int:
-    model = train.make_model(config)
-    sample = train._sample_batch(config, 1)
+    model = build.make_model(config)
+    sample = build.sample_batch(config, 1)
     shapes = jax.eval_shape(model.init, jax.random.key(0), sample["image"], sample["modality"])
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
 
 
 def test_demo_config_validates():
     c = load("configs/demo.py")
-    train.validate_config(c)
+    validate(c)
     assert c.data.phantom.generate and c.predict.after_train
 
 
@@ -41,12 +42,12 @@ def test_demo_config_validates():
 )
 def test_mmwhs_variants_validate(arg):
     c = load("configs/mmwhs.py", arg)
-    train.validate_config(c)
+    validate(c)
     assert tuple(c.data.roi) == (96, 96, 96) and c.optim.name == "adamw" and c.optim.lr == 1e-4
     if "joint" in arg:
         assert c.loader.mode == "joint"
     if ",ct" in arg:
-        assert c.loader.mode == "single" and c.loader.single_modality == "CT"
+        assert c.loader.mode == "single" and c.loader.single_modality_name == "CT"
 
 
 @pytest.mark.parametrize("arg", sorted(PARAMS))
@@ -63,11 +64,11 @@ def test_config_errors_are_caught_at_start_up():
     c = load("configs/demo.py")
     c.model.num_modalities = 3
     with pytest.raises(ValueError, match="num_modalities=3"):
-        train.validate_config(c)
+        validate(c)
     c = load("configs/demo.py")
     c.train.dtype = "float16"
     with pytest.raises(ValueError, match="dtype"):
-        train.validate_config(c)
+        validate(c)
 
 
 def test_plateau_schedule_needs_periodic_evaluation():
@@ -75,9 +76,25 @@ def test_plateau_schedule_needs_periodic_evaluation():
     c.optim.schedule.name = "reduce_on_plateau"
     c.train.eval_every = 0
     with pytest.raises(ValueError, match="eval_every"):
-        train.validate_config(c)
+        validate(c)
     c.train.eval_every = 10
-    train.validate_config(c)
+    validate(c)
     c.optim.schedule.plateau_metric = "dice"
     with pytest.raises(ValueError, match="plateau_mode='max'"):
-        train.validate_config(c)
+        validate(c)
+
+
+def test_class_names_must_name_every_class():
+    c = load("configs/demo.py")
+    c.data.class_names = ("background", "LV")
+    with pytest.raises(ValueError, match="class_names has 2 names"):
+        validate(c)
+
+
+def test_union_metric_is_named_by_the_dataset():
+    """MM-WHS configs report the whole-heart Dice; the generic default names no organ."""
+    assert load("configs/demo.py").data.union_name == "whole_heart"
+    assert load("configs/mmwhs.py", "c_unet").data.union_name == "whole_heart"
+    from cinjax.config import base_config
+
+    assert base_config().data.union_name == "whole_foreground"

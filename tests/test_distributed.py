@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -9,8 +10,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -48,32 +47,6 @@ def test_mesh_spans_all_devices():
         distributed.make_mesh(9)
     assert distributed.replicated(mesh).spec == P()
     assert distributed.data_sharding(mesh).spec == P("data")
-
-
-def test_host_to_global_puts_contiguous_rows_on_each_device():
-    mesh = distributed.make_mesh()
-    image = np.arange(16 * 2 * 3, dtype=np.float32).reshape(16, 2, 3)
-    modality = np.arange(16, dtype=np.int32) % 2
-    batch = distributed.host_to_global({"image": image, "modality": modality}, mesh)
-    assert batch["image"].shape == (16, 2, 3) and batch["modality"].dtype == jnp.int32
-    assert batch["image"].sharding.is_equivalent_to(distributed.data_sharding(mesh), 3)
-    by_device = {s.device: s for s in batch["image"].addressable_shards}
-    for i, device in enumerate(mesh.devices.flat):
-        shard = by_device[device]
-        assert shard.index[0] == slice(2 * i, 2 * i + 2)
-        np.testing.assert_array_equal(np.asarray(shard.data), image[2 * i : 2 * i + 2])
-    total = jax.jit(lambda b: jnp.sum(b["image"], axis=0))(batch)
-    np.testing.assert_allclose(distributed.global_to_host(total), image.sum(0), rtol=1e-6)
-    np.testing.assert_array_equal(distributed.global_to_host(batch["modality"]), modality)
-
-
-def test_batch_size_errors_say_what_to_do():
-    mesh = distributed.make_mesh()
-    assert distributed.local_batch_size(16, mesh) == 16
-    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-        distributed.local_batch_size(12, mesh)
-    with pytest.raises(ValueError, match="divisible by the 8 local devices"):
-        distributed.host_to_global({"image": np.zeros((12, 3), np.float32)}, mesh)
 
 
 def test_single_process_initialize_is_a_noop(clean_env):
@@ -134,7 +107,7 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.communicate()
 
 
-def test_two_processes_build_one_global_batch():
+def test_two_processes_share_one_mesh():
     procs = _launch("layout")
     try:
         outs = [p.communicate(timeout=120) for p in procs]
@@ -146,21 +119,11 @@ def test_two_processes_build_one_global_batch():
         assert p.returncode == 0, err[-3000:]
         line = next(line for line in out.splitlines() if line.startswith("RESULT "))
         results.append(json.loads(line[len("RESULT ") :]))
-    local = [np.arange(12, dtype=np.float32).reshape(4, 3) + 100 * i for i in range(2)]
-    expected = np.concatenate(local)
     for pid, r in enumerate(results):
         assert (r["process_index"], r["process_count"], r["device_count"]) == (pid, 2, 4)
         assert r["is_main"] == (pid == 0)
-        assert r["global_shape"] == [8, 3] and r["local_batch_size"] == 4
-        assert r["mesh_devices"] == results[0]["mesh_devices"]
-        # This process's 4 rows land contiguously, 2 per local device, at its offset in the batch.
-        for k, shard in enumerate(sorted(r["shards"], key=lambda s: s["rows"][0])):
-            start = 4 * pid + 2 * k
-            assert shard["rows"] == [start, start + 2]
-            np.testing.assert_array_equal(shard["data"], expected[start : start + 2])
-        assert r["total"] == pytest.approx(expected.sum() + 4)  # + modality ids 0,0,0,0,1,1,1,1
-        np.testing.assert_array_equal(r["gathered"], expected)
-        assert r["gathered_modality"] == [0] * 4 + [1] * 4
+        assert r["mesh_devices"] == results[0]["mesh_devices"] and r["mesh_processes"] == [0, 0, 1, 1]
+        assert r["local_mesh_devices"] == r["mesh_devices"][2 * pid : 2 * pid + 2]
 
 
 @pytest.mark.parametrize("scenario", ["exit", "freeze"])
@@ -177,8 +140,8 @@ def test_survivor_fails_fast_when_a_process_dies(scenario):
             _stop(p)
     assert procs[0].returncode not in (0, None), out
     assert "SURVIVED_BARRIER" not in out
-    waiting = next(line for line in out.splitlines() if line.startswith("WAITING_SINCE"))
-    waiting_since = float(waiting.split()[1])
+    # Gloo may write to the same stdout without a newline in between: match the number only.
+    waiting_since = float(re.search(r"WAITING_SINCE ([0-9.]+\d)", out).group(1))
     assert ended - waiting_since < 20  # heartbeat timeout 3 s (+ slack for a loaded machine)
     if scenario == "freeze":  # only the heartbeat monitor can notice a silent process
         assert "stopped sending heartbeats" in err, err[-3000:]

@@ -13,13 +13,14 @@ from monai.inferers.utils import _get_scan_interval
 
 from cinjax import distributed
 from cinjax.inference import (
+    WindowSettings,
     dense_windows,
     importance_map,
-    padding_for,
     predict_volume,
     sliding_window_inference,
 )
 from cinjax.models.layers.conv import conv3d
+from cinjax.shapes import padding_to
 
 ROI = (8, 8, 8)
 C, K = 2, 3
@@ -106,7 +107,7 @@ def test_importance_map_matches_monai():
 
 
 def test_padding_is_floor_before_ceil_after():
-    assert padding_for((5, 8, 11), (8, 8, 8)) == ((1, 2), (0, 0), (0, 0))
+    assert padding_to((5, 8, 11), (8, 8, 8)) == ((1, 2), (0, 0), (0, 0))
 
 
 @pytest.mark.parametrize("blend", ["constant", "gaussian"])
@@ -153,9 +154,8 @@ def test_modality_reaches_every_window():
     counter = TraceCounter(constant_per_modality)
     image = RNG.standard_normal((20, 18, 13, C)).astype(np.float32)
     for modality in (0, 1, 3):
-        labels, logits = predict_volume(
-            counter, image, modality, ROI, windows_per_call=4, stitch_on_host=True
-        )
+        window = WindowSettings(ROI, windows_per_call=4, stitch_on_host=True)
+        labels, logits = predict_volume(counter, image, modality, window)
         np.testing.assert_array_equal(logits[..., 0], modality)
         np.testing.assert_array_equal(labels, np.full(labels.shape, 1 if modality == 0 else 0, np.uint8))
     assert counter.traces == 1
@@ -184,7 +184,8 @@ def test_equals_full_volume_inference_for_pointwise_model(blend, shape):
     fn = jax.jit(net)
     image = RNG.standard_normal((*shape, C)).astype(np.float32)
     full = np.asarray(fn(jnp.asarray(image)[None], jnp.asarray([1])))[0]
-    labels, logits = predict_volume(fn, image, 1, ROI, overlap=0.5, blend=blend, windows_per_call=2)
+    window = WindowSettings(ROI, overlap=0.5, blend=blend, windows_per_call=2)
+    labels, logits = predict_volume(fn, image, 1, window)
     np.testing.assert_allclose(np.asarray(logits), full, rtol=1e-5, atol=1e-5)
     assert labels.dtype == np.uint8 and labels.shape == shape
     np.testing.assert_array_equal(labels, np.argmax(full, axis=-1))
@@ -213,6 +214,9 @@ def test_clear_errors(predictor):
         sliding_window_inference(jax.jit(lambda w, m: w[:, ::2, ::2, ::2]), image, 0, ROI)
     with pytest.raises(ValueError, match="overlap"):
         dense_windows((9, 9, 9), ROI, 1.0)
+    for bad in ({"windows_per_call": 0}, {"blend": "gausian"}, {"overlap": 1.0}, {"roi": (8, 8)}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            WindowSettings(**{"roi": ROI, **bad})
 
 
 def test_conditional_unet_windows_batch_independently():

@@ -89,7 +89,7 @@ def _metrics(workdir):
 
 
 def _train_losses(workdir):
-    return {r["step"]: r["loss"] for r in _metrics(workdir) if r["split"] == "train"}
+    return {r["step"]: r["loss"] for r in _metrics(workdir) if r["stream"] == "train"}
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +113,9 @@ def test_demo_writes_the_workdir_contract(trained, data_args):
     config = json.load(open(w / "config.json"))
     assert config["model"]["name"] == "unet_vanilla" and config["train"]["num_steps"] == 4
     recs = _metrics(w)
-    assert {r["step"] for r in recs if r["split"] == "train"} == {1, 2, 3, 4}
-    assert all(np.isfinite(r["loss"]) for r in recs if r["split"] == "train")
-    assert [r["step"] for r in recs if r["split"] == "eval"] == [2, 4]
+    assert {r["step"] for r in recs if r["stream"] == "train"} == {1, 2, 3, 4}
+    assert all(np.isfinite(r["loss"]) for r in recs if r["stream"] == "train")
+    assert [r["step"] for r in recs if r["stream"] == "eval"] == [2, 4]
     assert os.path.isdir(w / "tb")
     assert sorted(os.listdir(w / "checkpoints" / "latest")) == ["2", "4"]
     assert len(os.listdir(w / "checkpoints" / "best")) == 1
@@ -124,7 +124,7 @@ def test_demo_writes_the_workdir_contract(trained, data_args):
     assert set(results["modalities"]) == {"CT", "MR"}
     for m in ("CT", "MR"):
         r = results["modalities"][m]
-        for k in ("mean_dice", "mean_hd95_mm", "mean_assd_mm"):
+        for k in ("mean_dice", "mean_hd95_mm", "mean_assd_mm", "whole_heart_dice"):
             assert k in r
         assert set(r["classes"]) == {"LV", "RV", "LA", "RA", "Myo", "AA", "PA"}
         for c in r["classes"].values():
@@ -175,7 +175,7 @@ def test_eval_and_predict_modes_on_a_checkpoint(trained, data_args, tmp_path):
             "--config.mode=predict",
             f"--config.predict.checkpoint={trained}",
             f"--config.predict.input_dir={folder}",
-            "--config.predict.modality=MR",
+            "--config.predict.modality_name=MR",
         ],
     )
     pred = nib.load(str(pred_dir / "predictions" / src.replace("image", "label")))
@@ -191,7 +191,7 @@ def test_bad_config_fails_before_training(data_args, tmp_path):
 
 
 def _final_params(workdir):
-    return checkpointing.restore_params_only(workdir, prefer="latest")
+    return checkpointing.restore_inference_variables(workdir, prefer="latest")[0]
 
 
 def _max_diff(a, b):
@@ -315,7 +315,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_args, tmp_path):
     )
     deadline = time.time() + 600
     while not any(
-        r["split"] == "train" and r["step"] >= 2
+        r["stream"] == "train" and r["step"] >= 2
         for r in (_metrics(w) if (w / "metrics.jsonl").exists() else [])
     ):
         assert proc.poll() is None, proc.stdout.read()[-4000:]
@@ -422,5 +422,5 @@ def test_reduce_on_plateau_lowers_the_lr_after_evaluations(data_args, tmp_path):
             "--config.eval.panels=False",
         ],
     )
-    lrs = {r["step"]: r["lr"] for r in _metrics(w) if r["split"] == "train"}
+    lrs = {r["step"]: r["lr"] for r in _metrics(w) if r["stream"] == "train"}
     np.testing.assert_allclose([lrs[s] for s in (1, 2, 3, 4)], [0.01, 0.01, 0.005, 0.0025], rtol=1e-6)

@@ -5,8 +5,6 @@ import math
 import os
 import warnings
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -37,13 +35,6 @@ def test_dice_matches_monai110_golden(golden):
     np.testing.assert_array_equal(not_nans, d["dice_metric_no_bg_not_nans"])
     mean_batch = np.nanmean(per_sample, axis=0)
     np.testing.assert_allclose(mean_batch, d["dice_metric_no_bg_mean_batch"], rtol=1e-6)
-
-
-def test_batch_dice_is_jittable_and_matches_golden(golden):
-    d, pred, labels = golden
-    got = jax.jit(metrics.batch_dice, static_argnums=2)(jnp.asarray(pred), jnp.asarray(labels), 8)
-    assert got.shape == (2, 8) and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got)[:, 1:], d["dice_metric_no_bg_per_sample"], rtol=1e-6)
 
 
 def test_dice_known_boxes_and_empty_conventions():
@@ -205,22 +196,24 @@ def test_evaluate_volume_and_summarize():
     vols = []
     for i, (key, modality, kw) in enumerate(specs):
         pred, label = _volume(i, **kw)
-        v = metrics.evaluate_volume(pred, label, spacing=sp, class_names=names, key=key, modality=modality)
+        v = metrics.evaluate_volume(
+            pred, label, spacing=sp, class_names=names, key=key, modality_name=modality, union_name="union"
+        )
         assert v["classes"]["A"]["dice"] == pytest.approx(
             metrics.dice_per_class(pred, label, 3)[0], nan_ok=True
         )
         assert v["classes"]["B"]["hd95_mm"] == pytest.approx(
             metrics.hausdorff_distance(pred == 2, label == 2, sp), nan_ok=True
         )
-        assert v["whole_heart_dice"] == pytest.approx(metrics.whole_foreground_dice(pred, label))
+        assert v["union_dice"] == pytest.approx(metrics.whole_foreground_dice(pred, label))
         vols.append(v)
     assert vols[1]["classes"]["B"]["hd95_mm"] == math.inf  # class present in GT, never predicted
     assert math.isnan(vols[2]["classes"]["A"]["dice"])  # class absent from GT
 
-    s = metrics.summarize(vols, class_names=names)
+    s = metrics.summarize(vols, class_names=names, union_name="union")
     assert set(s) == {"mean_dice", "modalities", "volumes"} and set(s["modalities"]) == {"CT", "MR"}
     ct = s["modalities"]["CT"]
-    for key in ("mean_dice", "mean_hd95_mm", "mean_assd_mm", "whole_heart_dice", "classes"):
+    for key in ("mean_dice", "mean_hd95_mm", "mean_assd_mm", "union_dice", "classes"):
         assert key in ct
     b = ct["classes"]["B"]
     assert b["dice"] == pytest.approx((vols[0]["classes"]["B"]["dice"] + vols[1]["classes"]["B"]["dice"]) / 2)

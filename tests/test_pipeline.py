@@ -278,10 +278,9 @@ def test_data_wait_is_timed(records, mesh):
     loader = pipeline.make_train_loader(
         records, mesh=mesh, global_batch_size=8, transform_cfg=CROP, sample_fn=slow_sample, prefetch=0
     )
-    loader.next_local()
-    loader.next_local()
-    assert loader.last_wait_s >= 8 * 0.02
-    assert loader.total_wait_s >= 2 * 8 * 0.02
+    for _ in range(2):
+        loader.next_local()
+        assert loader.last_wait_s >= 8 * 0.02
 
 
 def test_wrong_modality_from_sample_fn_is_caught(records, mesh):

@@ -52,6 +52,7 @@ def worker(process_id: int, port: int, root: str, out: str) -> None:
     )
     import jax
     from absl import flags
+    from jax.experimental import multihost_utils
 
     from cinjax.data import pipeline
 
@@ -76,7 +77,9 @@ def worker(process_id: int, port: int, root: str, out: str) -> None:
         local.append(loader.local_batch)
         shards = sorted(batch["modality"].addressable_shards, key=lambda s: s.index[0].start)
         result["device_slices"].append([np.asarray(s.data).tolist() for s in shards])
-        gathered.append({k: distributed.global_to_host(v) for k, v in batch.items()})
+        gathered.append(
+            {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()}
+        )
     distributed.sync("pipeline-done")
     for key in ("image", "label", "modality"):
         np.save(os.path.join(out, f"local_{key}_{process_id}.npy"), np.stack([b[key] for b in local]))

@@ -1,0 +1,232 @@
+"""Config → the pieces every mode needs: model, loss, optimizer, data, jitted steps, predict function.
+
+Training, evaluation and prediction all build from here, so ``mode=eval`` / ``mode=predict`` rebuild
+exactly the model ``mode=train`` trained.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cinjax import checkpointing, distributed, losses, optim, steps, workdir
+from cinjax.data import pipeline, preprocess
+from cinjax.data import transforms as data_transforms
+from cinjax.inference import PredictFn, WindowSettings
+from cinjax.models import build_model
+
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The Flax module of ``config.model`` (``num_modalities`` from the data, dtype from ``train.dtype``)."""
+    model_cfg = config.model.to_dict()
+    model_cfg.setdefault("num_modalities", len(config.data.modalities))
+    model_cfg["dtype"] = COMPUTE_DTYPES[config.train.dtype]
+    return build_model(model_cfg)
+
+
+def make_loss(config: ml_collections.ConfigDict) -> losses.LossFn:
+    """The training loss of ``config.loss``, returning ``(loss, {part: value})``."""
+    kwargs = {k: v for k, v in config.loss.to_dict().items() if k != "name"}
+    return losses.get_loss(config.loss.name, return_parts=True, **kwargs)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optim.Schedule]:
+    """``(tx, schedule)``; schedules count optimizer updates (``num_steps / accumulate_steps``)."""
+    updates = max(1, config.train.num_steps // config.optim.accumulate_steps)
+    return optim.make_optimizer(config, updates)
+
+
+def sample_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+    """Zeros shaped like a model input batch (for init and shape inference)."""
+    return {
+        "image": np.zeros((batch_size, *config.data.roi, 1), np.float32),
+        "modality": np.zeros((batch_size,), np.int32),
+    }
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def generate_phantom(data: ml_collections.ConfigDict) -> None:
+    """Demo configs carry ``data.phantom``: process 0 writes the synthetic dataset first (idempotent)."""
+    if distributed.is_main_process():
+        from cinjax.data import phantom
+
+        info = phantom.generate_from_config(data)
+        if info and info.get("generated"):
+            logging.info("Generated the phantom dataset in %s (%.1f s).", info["root"], info["seconds"])
+    distributed.sync("phantom")
+
+
+def prepare_data(data: ml_collections.ConfigDict, splits: Sequence[str]) -> preprocess.PreparedData:
+    """Preprocess (or reuse) the cached volumes of ``splits``.
+
+    Process 0 goes first, so hosts sharing a cache directory never write the same entry at once; the
+    others then find it cached.
+    """
+    first = distributed.is_main_process()
+    if not first:
+        distributed.sync("prepare_data")
+    prepared = preprocess.prepare(data, splits=tuple(dict.fromkeys(splits)), progress=first)
+    if first and jax.process_count() > 1:
+        distributed.sync("prepare_data")
+    return prepared
+
+
+def make_train_loader(
+    config: ml_collections.ConfigDict, prepared: preprocess.PreparedData, mesh: Mesh
+) -> pipeline.TrainLoader:
+    """The interleaving grain loader over the prepared training volumes of ``config.loader.mode``."""
+    records = {name: recs for name, recs in prepared.records["training"].items() if recs}
+    if config.loader.mode == "single":
+        name = config.loader.single_modality_name
+        if name not in records:
+            raise ValueError(
+                f"config.loader.single_modality_name={name!r} has no training volumes; "
+                f"available: {sorted(records)}."
+            )
+        records = {name: records[name]}
+    transform_cfg = data_transforms.TransformConfig.from_mapping(
+        dict(config.transforms.to_dict(), roi=tuple(config.data.roi))
+    )
+    return pipeline.make_train_loader(
+        records,
+        global_batch_size=config.loader.global_batch_size,
+        mesh=mesh,
+        seed=config.seed,
+        mode=config.loader.mode,
+        ratios=config.loader.ratios.to_dict() if config.loader.get("ratios") else None,
+        transform_cfg=transform_cfg,
+        num_workers=config.loader.num_workers,
+        prefetch=config.loader.prefetch,
+    )
+
+
+# ------------------------------------------------------------------------------------- train step
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, loss_fn: losses.LossFn, mesh: Mesh
+) -> Any:
+    """The jitted, sharded train step ``(state, batch) -> (state, metrics)``; the state is donated."""
+    repl = distributed.replicated(mesh)
+    return jax.jit(
+        functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn),
+        in_shardings=(repl, distributed.data_sharding(mesh)),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+
+
+def make_init(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[Any, steps.TrainState]:
+    """``(init, abstract_state)``: ``init()`` builds the replicated train state; ``abstract_state`` holds
+    its shapes and shardings (what a checkpoint is restored onto)."""
+    repl = distributed.replicated(mesh)
+    sample = sample_batch(config, 1)
+    jitted = jax.jit(
+        functools.partial(steps.create_train_state, model, tx, seed=config.seed), out_shardings=repl
+    )
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), jax.eval_shape(jitted, sample)
+    )
+    return functools.partial(jitted, sample), abstract
+
+
+# -------------------------------------------------------------------------------------- inference
+
+
+def window_settings(config: ml_collections.ConfigDict) -> WindowSettings:
+    """The sliding-window settings of ``config.eval`` (shared by evaluation and prediction)."""
+    ev = config.eval
+    return WindowSettings(
+        roi=tuple(config.data.roi),
+        overlap=ev.overlap,
+        windows_per_call=ev.windows_per_call,
+        blend=ev.blend,
+        sigma_scale=ev.sigma_scale,
+        stitch_on_host=ev.stitch_on_host,
+    )
+
+
+def inference_mesh(windows_per_call: int) -> Mesh | None:
+    """This process's devices as a mesh when each batch of windows splits evenly over them, else None
+    (one device)."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or windows_per_call % len(devices):
+        return None
+    return distributed.local_mesh()
+
+
+class WindowPredictor:
+    """A model's jitted ``(windows, modality) -> fp32 logits`` on this process's devices.
+
+    Jitted once per run (:meth:`bind` attaches the current variables without recompiling), so each
+    periodic evaluation reuses the compiled program.
+    """
+
+    def __init__(self, model: nn.Module, mesh: Mesh | None = None):
+        self.mesh = mesh
+        self._target = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.local_devices()[0]
+        self._jitted = jax.jit(functools.partial(steps.predict_logits, model=model))
+
+    def _local_copy(self, x: Any) -> jax.Array:
+        if isinstance(x, jax.Array):  # replicated training arrays: this process's copy
+            x = x.addressable_data(0)
+        return jax.device_put(x, self._target)
+
+    def bind(self, params: Any, model_state: Any) -> PredictFn:
+        """The predict function with these variables copied to (or replicated over) local devices."""
+        variables = jax.tree.map(self._local_copy, {"params": params, **(model_state or {})})
+        return functools.partial(self._jitted, variables)
+
+
+def restore_for_inference(
+    config: ml_collections.ConfigDict, checkpoint: str, run_dir: str
+) -> tuple[nn.Module, Any, Any]:
+    """``(model, params, model_state)`` for eval / predict.
+
+    ``checkpoint`` is ``best`` / ``latest`` (of ``run_dir``) or a path: a workdir, a checkpoint step or a
+    ``python -m cinjax.convert`` directory, whose own model config then replaces ``config.model``.
+    """
+    path = run_dir if checkpoint in ("best", "latest") else checkpoint
+    if workdir.is_converted(path):
+        config = _with_converted_model(config, path)
+    prefer = checkpoint if checkpoint in ("best", "latest") else "best"
+    params, model_state = checkpointing.restore_inference_variables(path, prefer=prefer)
+    return make_model(config), params, model_state
+
+
+def _with_converted_model(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+    """``config`` with the model of a converted MI-Seg checkpoint, checked against the data."""
+    model = workdir.read_converted_model_config(path)
+    if model.get("out_channels") != config.data.num_classes:
+        raise ValueError(
+            f"{path}: the converted model predicts {model.get('out_channels')} classes but "
+            f"config.data.num_classes={config.data.num_classes}."
+        )
+    if model.get("num_modalities", 2) != len(config.data.modalities):
+        raise ValueError(
+            f"{path}: the converted model has {model.get('num_modalities')} modalities but "
+            f"config.data.modalities={dict(config.data.modalities)}."
+        )
+    logging.info("Using the model config of the converted checkpoint %s: %s", path, model)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = model
+    return config
