@@ -184,7 +184,7 @@ class WindowPredictor:
     def __init__(self, model: nn.Module, mesh: Mesh | None = None):
         self.mesh = mesh
         self._target = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.local_devices()[0]
-        self._jitted = jax.jit(functools.partial(steps.predict_logits, model=model))
+        self.jitted = jax.jit(functools.partial(steps.predict_logits, model=model))  # (variables, w, m)
 
     def _local_copy(self, x: Any) -> jax.Array:
         if isinstance(x, jax.Array):  # replicated training arrays: this process's copy
@@ -194,7 +194,7 @@ class WindowPredictor:
     def bind(self, params: Any, model_state: Any) -> PredictFn:
         """The predict function with these variables copied to (or replicated over) local devices."""
         variables = jax.tree.map(self._local_copy, {"params": params, **(model_state or {})})
-        return functools.partial(self._jitted, variables)
+        return functools.partial(self.jitted, variables)
 
 
 def restore_for_inference(
