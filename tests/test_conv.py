@@ -1,5 +1,6 @@
-"""The 3D conv helper: the depth2d lowering equals lax's 3D conv (values and gradients), and Conv3d with
-converted PyTorch weights equals torch.nn.functional.conv3d."""
+"""The 3D conv helper: every lowering equals lax's 3D conv (values and input and kernel gradients), the
+blocked kernel gradient equals autodiff's, and Conv3d with converted PyTorch weights equals
+torch.nn.functional.conv3d (also on a list of channel blocks)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from cinjax.models.convert.common import conv_kernel
-from cinjax.models.layers.conv import Conv3d, conv3d, resolve_conv_impl, same_padding
+from cinjax.models.layers import conv as conv_module
+from cinjax.models.layers.conv import Conv3d, conv3d, kernel_grad_blocked, resolve_conv_impl, same_padding
 
 CASES = [
     # kernel, stride, padding
@@ -31,8 +33,9 @@ def _data(kernel, c_in=3, c_out=4, shape=(2, 7, 6, 5)):
     return x, w
 
 
+@pytest.mark.parametrize("impl", ["depth2d", "cpu"])
 @pytest.mark.parametrize("kernel, stride, padding", CASES)
-def test_depth2d_equals_lax_values_and_gradients(kernel, stride, padding):
+def test_lowerings_equal_lax_values_and_gradients(kernel, stride, padding, impl):
     x, w = _data(kernel)
 
     def f(impl):
@@ -43,18 +46,30 @@ def test_depth2d_equals_lax_values_and_gradients(kernel, stride, padding):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
 
     (l_lax, y_lax), (gx_lax, gw_lax) = f("lax")
-    (l_d2, y_d2), (gx_d2, gw_d2) = f("depth2d")
+    (l_d2, y_d2), (gx_d2, gw_d2) = f(impl)
     assert y_lax.shape == y_d2.shape
     # Equal up to float summation order: tolerances relative to each tensor's magnitude.
     for got, want in ((y_d2, y_lax), (gx_d2, gx_lax), (gw_d2, gw_lax)):
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
 
 
+@pytest.mark.parametrize("block_bytes", [1, 1 << 20])
+def test_blocked_kernel_gradient_any_block_size(block_bytes, monkeypatch):
+    """One output row per block, or the whole plane: the same kernel gradient."""
+    monkeypatch.setattr(conv_module, "PATCH_BLOCK_BYTES", block_bytes)
+    kernel, stride, padding = (3, 1, 2), (2, 1, 1), ((1, 1), (0, 0), (1, 0))
+    x, w = _data(kernel, shape=(2, 7, 6, 5))
+    y, vjp = jax.vjp(lambda w: conv3d(x, w, strides=stride, padding=padding, impl="lax"), w)
+    dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
+    got = jax.jit(kernel_grad_blocked, static_argnums=(2, 3, 4))(x, dy, kernel, stride, padding)
+    np.testing.assert_allclose(got, vjp(dy)[0], atol=1e-5 * np.abs(np.asarray(vjp(dy)[0])).max())
+
+
 TORCH_CASES = [(3, 1, None), (3, 2, None), (1, 1, ((0, 0),) * 3), (2, 2, ((0, 0),) * 3)]
 
 
 @pytest.mark.parametrize("kernel, stride, padding", TORCH_CASES)
-@pytest.mark.parametrize("impl", ["lax", "depth2d"])
+@pytest.mark.parametrize("impl", ["lax", "depth2d", "cpu"])
 def test_conv3d_module_matches_torch(kernel, stride, padding, impl):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 8, 6, 5)).astype(np.float32)  # NCDHW, as PyTorch
@@ -68,6 +83,23 @@ def test_conv3d_module_matches_torch(kernel, stride, padding, impl):
     variables = {"params": {"kernel": conv_kernel(w), "bias": b}}
     out = jax.jit(layer.apply)(variables, np.moveaxis(x, 1, -1))
     np.testing.assert_allclose(out, np.moveaxis(ref.numpy(), 1, -1), atol=1e-4, rtol=1e-5)
+
+
+def test_conv3d_of_channel_blocks_equals_conv_of_their_concatenation():
+    rng = np.random.default_rng(3)
+    skip, up = (rng.standard_normal((2, 6, 6, 4, c)).astype(np.float32) for c in (2, 3))
+    layer = Conv3d(4, kernel_size=3)
+    params = jax.jit(layer.init)(jax.random.key(0, impl="rbg"), np.concatenate([skip, up], -1))
+    whole = layer.apply(params, np.concatenate([skip, up], -1))
+    np.testing.assert_allclose(layer.apply(params, (skip, up)), whole, atol=1e-5)
+    grads = jax.grad(lambda p, a, b: jnp.sum(layer.apply(p, (a, b)) ** 2), argnums=(0, 1, 2))(
+        params, skip, up
+    )
+    ref = jax.grad(lambda p, ab: jnp.sum(layer.apply(p, ab) ** 2), argnums=(0, 1))(
+        params, np.concatenate([skip, up], -1)
+    )
+    np.testing.assert_allclose(grads[0]["params"]["kernel"], ref[0]["params"]["kernel"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(grads[1:], -1), ref[1], rtol=1e-4, atol=1e-4)
 
 
 def test_conv3d_module_param_shapes_and_dtype():
@@ -88,6 +120,6 @@ def test_conv3d_module_param_shapes_and_dtype():
 def test_padding_and_impl_helpers():
     assert same_padding(3) == ((1, 1),) * 3
     assert same_padding((1, 3, 5)) == ((0, 0), (1, 1), (2, 2))
-    assert resolve_conv_impl("auto") == ("depth2d" if jax.default_backend() == "cpu" else "lax")
+    assert resolve_conv_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "lax")
     with pytest.raises(ValueError, match="Unknown conv_impl"):
         resolve_conv_impl("cudnn")

@@ -79,6 +79,7 @@ def _swin(
             "num_groups": 4,
             "num_modalities": NUM_MODALITIES,
             "conv_impl": "auto",
+            "attention_impl": "auto",
             "dtype": None,
             "remat": False,
         }

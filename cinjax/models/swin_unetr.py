@@ -19,6 +19,8 @@ import jax
 import numpy as np
 
 from cinjax.models.blocks.unetr import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from cinjax.models.layers.attention import resolve_attention_impl
+from cinjax.models.layers.conv import resolve_conv_impl
 from cinjax.models.layers.norms import NORM_NAMES, NormSpec, instance_normalize, layer_normalize
 from cinjax.models.layers.swin import (
     MERGING_OFFSETS,
@@ -50,6 +52,7 @@ class BasicLayer(nn.Module):
     downsample: str = "merging"
     norm: NormSpec = NormSpec("layer")
     dtype: Any = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
@@ -67,6 +70,7 @@ class BasicLayer(nn.Module):
             attn_dropout=self.attn_dropout,
             norm=self.norm,
             dtype=self.dtype,
+            attention_impl=self.attention_impl,
         )
         for i in range(self.depth):
             x = SwinTransformerBlock(
@@ -100,6 +104,7 @@ class SwinTransformer(nn.Module):
     downsample: str = "merging"
     norm: NormSpec = NormSpec("layer")
     conv_impl: str = "auto"
+    attention_impl: str = "auto"
     dtype: Any = None
     remat: bool = False
 
@@ -132,6 +137,7 @@ class SwinTransformer(nn.Module):
                 downsample=self.downsample,
                 norm=self.norm,
                 dtype=self.dtype,
+                attention_impl=self.attention_impl,
                 name=f"layers{i + 1}",
             )(x, modality, train)
             start += depth
@@ -172,6 +178,7 @@ class SwinUNETR(nn.Module):
     num_groups: int = 4
     num_modalities: int = 2
     conv_impl: str = "auto"
+    attention_impl: str = "auto"  # plain | blocked | auto (blocked on CPU)
     dtype: Any = None
     remat: bool = False
     img_size: tuple[int, int, int] | None = None
@@ -216,6 +223,8 @@ class SwinUNETR(nn.Module):
         ):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{what}={rate} must lie in [0, 1].")
+        resolve_conv_impl(self.conv_impl)
+        resolve_attention_impl(self.attention_impl)
         if self.img_size is not None:
             self.check_input_size(tuple(self.img_size), what="img_size")
 
@@ -267,6 +276,7 @@ class SwinUNETR(nn.Module):
             downsample=self.downsample,
             norm=self._norm(self.vit_norm, self.vit_norm_affine),
             conv_impl=self.conv_impl,
+            attention_impl=self.attention_impl,
             dtype=self.dtype,
             remat=self.remat,
             name="swinViT",

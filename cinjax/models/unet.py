@@ -141,8 +141,8 @@ class UNet(nn.Module):
         x = skips.pop()
         for j in range(levels - 1):
             s = levels - 2 - j
-            x = upsample_nearest(x, strides[s + 1])
-            x = jnp.concatenate([skips.pop(), x], axis=-1)
+            # The unit takes [skip, upsampled] as channel blocks: their concatenation, never materialised.
+            x = (skips.pop(), upsample_nearest(x, strides[s + 1]))
             x = unit(channels[s], 1, self.decoder_norm, f"up_{j}")(x, modality, train)
         x = Conv3d(
             self.out_channels,

@@ -7,15 +7,18 @@ settings (``adn_ordering="NDA"``, ``act="prelu"``) a :class:`Convolution` is
 
 and a :class:`ResidualUnit` is two such sub-units (the first carries the stride and the channel change)
 plus a residual branch: identity when stride and channels are unchanged, a 1×1×1 conv when only the
-channels change, a k×k×k conv with the unit's stride otherwise; output = main + residual.
+channels change, a k×k×k conv with the unit's stride otherwise; output = main + residual. A unit's input
+may be a sequence of channel blocks (see :class:`~cinjax.models.layers.conv.Conv3d`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cinjax.models.layers.conv import Conv3d
 from cinjax.models.layers.norms import NormSpec
@@ -33,7 +36,9 @@ class Convolution(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array | Sequence[jax.Array], modality: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         x = Conv3d(
             self.features,
             kernel_size=self.kernel_size,
@@ -62,7 +67,9 @@ class ResidualUnit(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array | Sequence[jax.Array], modality: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         residual = x
         y = x
         for u in range(self.subunits):
@@ -76,7 +83,8 @@ class ResidualUnit(nn.Module):
                 dtype=self.dtype,
                 name=f"unit{u}",
             )(y, modality, train)
-        if self.strides != 1 or x.shape[-1] != self.features:
+        in_features = sum(p.shape[-1] for p in x) if isinstance(x, (list, tuple)) else x.shape[-1]
+        if self.strides != 1 or in_features != self.features:
             # Only the channels change → 1x1x1 conv; a stride → k^3 conv with the same stride (MONAI).
             k = self.kernel_size if self.strides != 1 else 1
             residual = Conv3d(
@@ -88,4 +96,6 @@ class ResidualUnit(nn.Module):
                 dtype=self.dtype,
                 name="residual",
             )(x)
+        elif isinstance(residual, (list, tuple)):
+            residual = jnp.concatenate(residual, axis=-1)
         return y + residual.astype(y.dtype)

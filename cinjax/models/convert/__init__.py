@@ -195,6 +195,7 @@ def mi_seg_args_to_config(
                 "num_groups": int(a["num_groups"]),
                 "num_modalities": m,
                 "conv_impl": "auto",
+                "attention_impl": "auto",
                 "dtype": None,
                 "remat": bool(a["use_checkpoint"]),
                 "img_size": (int(a["roi_x"]), int(a["roi_y"]), int(a["roi_z"])),

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cinjax.models.layers.attention import blocked_window_attention, resolve_attention_impl, window_attention
 from cinjax.models.layers.conv import Conv3d
 from cinjax.models.layers.norms import NormSpec
 
@@ -161,6 +162,7 @@ class WindowAttention(nn.Module):
     attn_dropout: float = 0.0
     dropout: float = 0.0
     dtype: Any = None
+    attention_impl: str = "auto"  # plain | blocked | auto (blocked on CPU); see layers/attention.py
 
     @nn.compact
     def __call__(self, x: jax.Array, mask_ids: np.ndarray | None = None, train: bool = False) -> jax.Array:
@@ -186,12 +188,20 @@ class WindowAttention(nn.Module):
         qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x).reshape(b, nw, n, 3, heads, hd)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(hd**-0.5, q.dtype)
-        logits = jnp.einsum("bwnhd,bwmhd->bwhnm", q, k, preferred_element_type=jnp.float32) + bias
-        if mask_ids is not None:
-            logits = logits + mask_from_region_ids(jnp.asarray(mask_ids))[None, :, None]
-        attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        attn = nn.Dropout(self.attn_dropout)(attn, deterministic=not train)
-        out = jnp.einsum("bwhnm,bwmhd->bwnhd", attn, v).reshape(b, nw, n, c)
+        mask = None if mask_ids is None else mask_from_region_ids(jnp.asarray(mask_ids))
+        if train and self.attn_dropout > 0.0:  # dropout on the probabilities: the plain path only
+            logits = jnp.einsum("bwnhd,bwmhd->bwhnm", q, k, preferred_element_type=jnp.float32) + bias
+            if mask is not None:
+                logits = logits + mask[None, :, None]
+            attn = nn.Dropout(self.attn_dropout)(
+                jax.nn.softmax(logits, axis=-1).astype(v.dtype), deterministic=False
+            )
+            out = jnp.einsum("bwhnm,bwmhd->bwnhd", attn, v)
+        elif resolve_attention_impl(self.attention_impl) == "blocked":
+            out = blocked_window_attention(q, k, v, bias, mask)
+        else:
+            out = window_attention(q, k, v, bias, mask)
+        out = out.reshape(b, nw, n, c)
         out = dense(c, name="proj")(out)
         return nn.Dropout(self.dropout)(out, deterministic=not train)
 
@@ -214,6 +224,7 @@ class SwinTransformerBlock(nn.Module):
     drop_path: float = 0.0
     norm: NormSpec = NormSpec("layer")
     dtype: Any = None
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -243,6 +254,7 @@ class SwinTransformerBlock(nn.Module):
             self.attn_dropout,
             self.dropout,
             self.dtype,
+            self.attention_impl,
             name="attn",
         )(windows, mask_ids if shifted else None, train)
         y = window_reverse(windows.reshape(-1, n, c), window, (b, dp, hp, wp))
