@@ -77,26 +77,46 @@ def conv3d(
 
 
 def _conv3d_depth2d(x, kernel, strides, padding, precision):
-    """Sum over depth offsets ``a`` of a 2D conv of the depth slices ``a, a+s, a+2s, ...``."""
+    """Sum over depth offsets ``a`` of 2D convs of depth slices (one (B*D', H, W, C) batch each).
+
+    Stride 1 along depth: every offset convolves the whole unpadded input (no copy of it) and the
+    outputs are shifted along depth and summed in one fused pass (the border slices a shift drops are
+    the only extra work). A depth stride convolves the strided slices ``a, a+s, a+2s, ...`` of the
+    padded input instead.
+    """
     b, d, h, w, c = x.shape
     kd = kernel.shape[0]
     sd = strides[0]
     (pd_lo, pd_hi), pad_h, pad_w = padding
-    xp = jnp.pad(x, ((0, 0), (pd_lo, pd_hi), (0, 0), (0, 0), (0, 0)))
     d_out = (d + pd_lo + pd_hi - kd) // sd + 1
-    out = None
-    for a in range(kd):
-        sl = lax.slice_in_dim(xp, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1)
+
+    def conv2d(slices, k):
+        n = slices.shape[0] * slices.shape[1]
         y = lax.conv_general_dilated(
-            sl.reshape(b * d_out, h, w, c),
-            kernel[a],
+            slices.reshape(n, *slices.shape[2:]),
+            k,
             strides[1:],
             (pad_h, pad_w),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=precision,
         )
+        return y.reshape(slices.shape[0], slices.shape[1], *y.shape[1:])
+
+    out = None
+    for a in range(kd):
+        if sd == 1:
+            # out[o] += y[o + a - pd_lo] wherever that input slice exists (zero padding elsewhere).
+            y = conv2d(x, kernel[a])
+            lo = a - pd_lo
+            src = y[:, max(lo, 0) : min(lo + d_out, d)]
+            y = jnp.pad(
+                src, ((0, 0), (max(-lo, 0), d_out - src.shape[1] - max(-lo, 0)), (0, 0), (0, 0), (0, 0))
+            )
+        else:
+            xp = jnp.pad(x, ((0, 0), (pd_lo, pd_hi), (0, 0), (0, 0), (0, 0)))
+            y = conv2d(lax.slice_in_dim(xp, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1), kernel[a])
         out = y if out is None else out + y
-    return out.reshape(b, d_out, *out.shape[1:])
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -132,9 +152,11 @@ def kernel_grad_blocked(
     gradient ``dy``.
 
     ``dW[a, b, c] = sum over (n, d, h, w) of xpad[n, d*sd + a, h*sh + b, w*sw + c]^T dy[n, d, h, w]``,
-    computed block by block: one output-depth plane and ``rows`` output rows at a time, the ``kh*kw``
-    input windows of each depth offset ``a`` are stacked along channels (im2col of a block that fits
-    in cache) and multiplied with the block of ``dy``; a ``lax.scan`` accumulates in fp32.
+    computed block by block: one output-depth plane and ``rows`` output rows at a time, the input slab
+    they read is cut once, its ``kh*kw`` windows are stacked along channels (im2col of a block that fits
+    in cache) and multiplied, one depth offset per batch entry, with the block of ``dy``; a
+    ``lax.scan`` accumulates in fp32. (One slab and static windows compile ~3x faster than a dynamic
+    slice per window, at the same speed.)
     """
     (kd, kh, kw), (sd, sh, sw) = kernel_size, strides
     n, od, oh, ow, co = dy.shape
@@ -143,24 +165,29 @@ def kernel_grad_blocked(
     row_bytes = ow * kh * kw * ci * x.dtype.itemsize
     rows = max([r for r in range(1, oh + 1) if oh % r == 0 and r * row_bytes <= PATCH_BLOCK_BYTES] or [1])
     blocks = oh // rows
-    dims = (((0,), (0,)), ((), ()))
-
-    def window(b, d, r, a, i, j):
-        """Input voxels that meet kernel tap (a, i, j) for this block's outputs: (rows, ow, ci)."""
-        start = (b, d * sd + a, r * rows * sh + i, j, 0)
-        box = lax.dynamic_slice(xp, start, (1, 1, sh * (rows - 1) + 1, sw * (ow - 1) + 1, ci))
-        return box[0, 0, ::sh, ::sw]
+    in_rows = sh * (rows - 1) + kh
+    dims = (((1,), (0,)), ((), ()))
 
     def block(acc, index):
         b, d, r = index // (od * blocks), (index // blocks) % od, index % blocks
         g = lax.dynamic_slice(dy, (b, d, r * rows, 0, 0), (1, 1, rows, ow, co)).reshape(rows * ow, co)
-        parts = []
-        for a in range(kd):
-            cols = jnp.concatenate([window(b, d, r, a, i, j) for i in range(kh) for j in range(kw)], axis=-1)
-            parts.append(
-                lax.dot_general(cols.reshape(rows * ow, -1), g, dims, preferred_element_type=jnp.float32)
-            )
-        return acc + jnp.stack(parts), None
+        slab = lax.dynamic_slice(xp, (b, d * sd, r * rows * sh, 0, 0), (1, kd, in_rows, xp.shape[3], ci))[0]
+        cols = jnp.concatenate(
+            [
+                lax.slice(
+                    slab,
+                    (0, i, j, 0),
+                    (kd, i + sh * (rows - 1) + 1, j + sw * (ow - 1) + 1, ci),
+                    (1, sh, sw, 1),
+                )
+                for i in range(kh)
+                for j in range(kw)
+            ],
+            axis=-1,
+        )
+        return acc + lax.dot_general(
+            cols.reshape(kd, rows * ow, -1), g, dims, preferred_element_type=jnp.float32
+        ), None
 
     acc = jnp.zeros((kd, kh * kw * ci, co), jnp.float32)
     acc, _ = lax.scan(block, acc, jnp.arange(n * od * blocks))
