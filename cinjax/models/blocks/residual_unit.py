@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from cinjax.models.layers.conv import Conv3d
+from cinjax.models.layers.linear import PReLU
 from cinjax.models.layers.norms import NormSpec
 
 
@@ -51,7 +52,7 @@ class Convolution(nn.Module):
         x = self.norm.make("norm")(x, modality, train)
         if self.dropout > 0.0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.PReLU(negative_slope_init=0.25, name="act")(x)
+        return PReLU(negative_slope_init=0.25, name="act")(x)
 
 
 class ResidualUnit(nn.Module):

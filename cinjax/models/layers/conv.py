@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cinjax.models.layers.linear import add_bias
 from cinjax.shapes import triple
 
 CONV_IMPLS = ("lax", "depth2d", "cpu", "auto")
@@ -237,8 +238,7 @@ class Conv3d(nn.Module):
         if self.use_bias:
             fan_in = in_features * ks[0] * ks[1] * ks[2]
             bound = 1.0 / fan_in**0.5
-            bias = self.param("bias", _uniform(bound), (self.features,), self.param_dtype)
-            y = y + bias.astype(dtype)
+            y = add_bias(y, self.param("bias", _uniform(bound), (self.features,), self.param_dtype))
         return y
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from cinjax.models.layers.attention import blocked_window_attention, resolve_attention_impl, window_attention
 from cinjax.models.layers.conv import Conv3d
+from cinjax.models.layers.linear import Dense
 from cinjax.models.layers.norms import NormSpec
 
 Triple = tuple[int, int, int]
@@ -42,8 +43,6 @@ MERGING_OFFSETS: dict[str, tuple[Triple, ...]] = {
     "merging": ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1)),
     "mergingv2": tuple(itertools.product(range(2), range(2), range(2))),  # type: ignore[arg-type]
 }
-
-_dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # PyTorch Linear
 
 
 def window_partition(x: Any, window: Sequence[int]) -> Any:
@@ -139,7 +138,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
+        dense = functools.partial(Dense, dtype=self.dtype)
         drop = nn.Dropout(self.dropout)
         x = nn.gelu(dense(self.hidden, name="linear1")(x), approximate=False)
         x = drop(x, deterministic=not train)
@@ -184,7 +183,7 @@ class WindowAttention(nn.Module):
         index = relative_position_index(tuple(self.window))[:n, :n].reshape(-1)
         bias = jnp.take(table, index, axis=0).reshape(n, n, heads).transpose(2, 0, 1)
 
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_dense_init)
+        dense = functools.partial(Dense, dtype=self.dtype)
         qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x).reshape(b, nw, n, 3, heads, hd)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(hd**-0.5, q.dtype)
@@ -287,9 +286,7 @@ class PatchMerging(nn.Module):
         x = jnp.pad(x, ((0, 0), (0, d % 2), (0, h % 2), (0, w % 2), (0, 0)))
         x = jnp.concatenate([x[:, i::2, j::2, k::2, :] for i, j, k in MERGING_OFFSETS[self.mode]], axis=-1)
         x = self.norm.make("norm")(x, modality, train)
-        reduction = nn.Dense(
-            2 * c, use_bias=False, dtype=self.dtype, kernel_init=_dense_init, name="reduction"
-        )
+        reduction = Dense(2 * c, use_bias=False, dtype=self.dtype, name="reduction")
         return reduction(x)
 
 
