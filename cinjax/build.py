@@ -31,12 +31,18 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 # ------------------------------------------------------------------------------------------ model
 
 
-def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The Flax module of ``config.model`` (``num_modalities`` from the data, dtype from ``train.dtype``)."""
+def make_model(config: ml_collections.ConfigDict, dtype: str | None = None) -> nn.Module:
+    """The Flax module of ``config.model`` (``num_modalities`` from the data); compute dtype ``dtype``,
+    by default ``train.dtype``."""
     model_cfg = config.model.to_dict()
     model_cfg.setdefault("num_modalities", len(config.data.modalities))
-    model_cfg["dtype"] = COMPUTE_DTYPES[config.train.dtype]
+    model_cfg["dtype"] = COMPUTE_DTYPES[dtype or config.train.dtype]
     return build_model(model_cfg)
+
+
+def make_inference_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The model evaluation and prediction run: compute dtype ``eval.dtype`` (default ``train.dtype``)."""
+    return make_model(config, config.eval.dtype or None)
 
 
 def make_loss(config: ml_collections.ConfigDict) -> losses.LossFn:
@@ -152,13 +158,23 @@ def make_init(
 # -------------------------------------------------------------------------------------- inference
 
 
+def auto_windows_per_call() -> int:
+    """Windows per model call when ``eval.windows_per_call=0``: 1 on CPU (a bigger batch runs slower
+    there: measured 7.0 / 6.3 / 5.3 volumes/min at 1 / 2 / 4 for a 64^3 C-UNet on 2 cores), else at
+    least 4 and a multiple of the local devices, so each call splits evenly over them."""
+    if jax.default_backend() == "cpu":
+        return 1
+    n = jax.local_device_count()
+    return n * -(-4 // n)
+
+
 def window_settings(config: ml_collections.ConfigDict) -> WindowSettings:
     """The sliding-window settings of ``config.eval`` (shared by evaluation and prediction)."""
     ev = config.eval
     return WindowSettings(
         roi=tuple(config.data.roi),
         overlap=ev.overlap,
-        windows_per_call=ev.windows_per_call,
+        windows_per_call=ev.windows_per_call or auto_windows_per_call(),
         blend=ev.blend,
         sigma_scale=ev.sigma_scale,
         stitch_on_host=ev.stitch_on_host,
@@ -210,7 +226,7 @@ def restore_for_inference(
         config = _with_converted_model(config, path)
     prefer = checkpoint if checkpoint in ("best", "latest") else "best"
     params, model_state = checkpointing.restore_inference_variables(path, prefer=prefer)
-    return make_model(config), params, model_state
+    return make_inference_model(config), params, model_state
 
 
 def _with_converted_model(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:

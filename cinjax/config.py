@@ -17,6 +17,7 @@ import ml_collections
 from cinjax.data import pipeline
 from cinjax.data.config import default_data_config
 from cinjax.data.transforms import TransformConfig
+from cinjax.inference import WindowSettings
 from cinjax.optim import default_optim_config
 
 MODES = ("train", "eval", "predict")
@@ -73,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
             overlap=0.5,
             blend="constant",  # constant (MI-Seg) | gaussian
             sigma_scale=0.125,
-            windows_per_call=4,
+            windows_per_call=0,  # 0: auto (1 on CPU, where bigger batches run slower; 4+ on accelerators)
+            dtype="",  # inference compute dtype: "" (train.dtype) | float32 | bfloat16
             stitch_on_host=False,
             distances=True,  # HD95 / ASSD (mm)
             loss=False,  # also the training loss of each whole volume (on when a plateau schedule uses it)
@@ -106,6 +108,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}.")
     if config.train.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.train.dtype must be one of {COMPUTE_DTYPES}, got {config.train.dtype!r}.")
+    if config.eval.dtype not in ("", *COMPUTE_DTYPES):
+        raise ValueError(f"config.eval.dtype must be '' (train.dtype) or one of {COMPUTE_DTYPES}.")
+    _validate_eval(config)
     _validate_data(config)
     _validate_schedule(config)
     if config.mode == "train":
@@ -141,6 +146,22 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     roi = tuple(data.roi)
     if config.model.name == "swin_unetr" and any(r % 32 for r in roi):
         raise ValueError(f"Swin-UNETR needs every ROI size divisible by 32, got config.data.roi={roi}.")
+
+
+def _validate_eval(config: ml_collections.ConfigDict) -> None:
+    ev = config.eval
+    if ev.windows_per_call < 0:
+        raise ValueError(f"config.eval.windows_per_call must be >= 0 (0: auto), got {ev.windows_per_call}.")
+    try:
+        WindowSettings(
+            roi=tuple(config.data.roi),
+            overlap=ev.overlap,
+            windows_per_call=max(ev.windows_per_call, 1),
+            blend=ev.blend,
+            sigma_scale=ev.sigma_scale,
+        )
+    except ValueError as e:
+        raise ValueError(f"config.eval / config.data.roi: {e}") from e
 
 
 def _validate_schedule(config: ml_collections.ConfigDict) -> None:

@@ -43,7 +43,7 @@ class TrainSetup:
     config: ml_collections.ConfigDict
     run: Workdir
     mesh: Mesh
-    model: Any
+    inference_model: Any  # eval.dtype's model (the trained one unless eval.dtype differs)
     schedule: optim.Schedule
     train_step: Callable[[steps.TrainState, dict[str, jax.Array]], tuple[steps.TrainState, dict]]
     loader: pipeline.TrainLoader
@@ -104,7 +104,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainSetup:
 
     window = build.window_settings(config)
     eval_mesh = build.inference_mesh(window.windows_per_call)
-    predictor = build.WindowPredictor(model, eval_mesh)
+    inference_model = build.make_inference_model(config)
+    predictor = build.WindowPredictor(inference_model, eval_mesh)
     eval_loss = loss_fn if config.eval.loss or (plateau is not None and plateau.needs_eval_loss) else None
 
     def run_eval(state: steps.TrainState, step: int) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainSetup:
         config=config,
         run=run,
         mesh=mesh,
-        model=model,
+        inference_model=inference_model,
         schedule=schedule,
         train_step=build.make_train_step(model, tx, loss_fn, mesh),
         loader=loader,
@@ -247,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         if config.predict.after_train:
             predict.predict(
-                config, workdir, model=s.model, params=state.params, model_state=state.model_state
+                config, workdir, model=s.inference_model, params=state.params, model_state=state.model_state
             )
     finally:
         progress.close()

@@ -38,7 +38,13 @@ def test_demo_config_validates():
 
 @pytest.mark.parametrize(
     "arg",
-    ["c_unet", "unet,joint", "c_swin_unetr_fs36,bf16", "c_swin_unetr_fs48,ct", "swin_unetr_fs36,mr,remat"],
+    [
+        "c_unet",
+        "unet,joint",
+        "c_swin_unetr_fs36,bf16",
+        "c_swin_unetr_fs48,ct",
+        "swin_unetr_fs36,mr,remat,accum4",
+    ],
 )
 def test_mmwhs_variants_validate(arg):
     c = load("configs/mmwhs.py", arg)
@@ -98,3 +104,34 @@ def test_union_metric_is_named_by_the_dataset():
     from cinjax.config import base_config
 
     assert base_config().data.union_name == "whole_foreground"
+
+
+@pytest.mark.parametrize("arg", ["c_unet", "c_unet,accum4"])
+def test_mmwhs_updates_see_16_crops(arg):
+    """One batch of 16 (default) or 4 x 4 accumulated (accum4): the same crops and number of updates."""
+    c = load("configs/mmwhs.py", arg)
+    validate(c)
+    assert c.loader.global_batch_size * c.optim.accumulate_steps == 16
+    assert c.train.num_steps // c.optim.accumulate_steps == 16_000
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("windows_per_call", -1, "windows_per_call"),
+        ("blend", "gausian", "blend"),
+        ("overlap", 1.0, "overlap"),
+        ("dtype", "float16", "eval.dtype"),
+    ],
+)
+def test_bad_eval_settings_fail_at_start_up(key, value, match):
+    c = load("configs/demo.py")
+    c.eval[key] = value
+    with pytest.raises(ValueError, match=match):
+        validate(c)
+
+
+def test_auto_windows_per_call_is_one_on_cpu():
+    c = load("configs/demo.py")
+    assert c.eval.windows_per_call == 0
+    assert build.window_settings(c).windows_per_call == (1 if jax.default_backend() == "cpu" else 4)
