@@ -60,6 +60,8 @@ from ml_collections import config_flags
 from cinjax import build, distributed, inference
 from cinjax.config import base_config
 from cinjax.data import pipeline
+from cinjax.models.layers.attention import resolve_attention_impl
+from cinjax.models.layers.conv import resolve_conv_impl
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/bench.py[:VARIANT].", lock_config=False)
 _REFERENCE = flags.DEFINE_enum("reference", None, ["torch"], "Also time MI-Seg's PyTorch formulation.")
@@ -235,6 +237,14 @@ def product_config(
     return c
 
 
+def lowerings(model: Any) -> dict[str, str]:
+    """The conv / attention lowerings the model runs here (``auto`` resolved)."""
+    out = {"conv_impl": resolve_conv_impl(model.conv_impl)}
+    if hasattr(model, "attention_impl"):
+        out["attention_impl"] = resolve_attention_impl(model.attention_impl)
+    return out
+
+
 def _device_kind() -> str:
     return jax.devices()[0].device_kind
 
@@ -393,6 +403,7 @@ def run_train_case(
         "bytes_accessed_per_step": cost["bytes_accessed"],
         "peak_flops_per_s": peak,
         "peak_source": peak_source,
+        "lowerings": lowerings(model),
         "compile": compile_info,
         "memory": memory_of(compiled),
     }
@@ -509,6 +520,7 @@ def run_inference_case(
         "dtype": case.dtype,
         "peak_flops_per_s": peak,
         "peak_source": peak_source,
+        "lowerings": lowerings(model),
         "volumes_per_min": best["volumes_per_min"],
         "best_windows_per_call": best["windows_per_call"],
         "by_windows_per_call": rows,
@@ -553,6 +565,22 @@ def torch_references(config: ml_collections.ConfigDict, names: Sequence[str]) ->
     return out
 
 
+def pool_references(first: Mapping[str, dict], second: Mapping[str, dict]) -> dict[str, dict]:
+    """Two runs of the same PyTorch references as one: repeats pooled, medians and rates recomputed."""
+    out = {}
+    for key, a in first.items():
+        b = second[key]
+        times_key, rate_key, unit = (
+            ("step_s_all", "crops_per_s", a["crops_per_s"] * a["step_s"])
+            if "step_s_all" in a
+            else ("volume_s_all", "volumes_per_min", 60.0)
+        )
+        times = list(a[times_key]) + list(b[times_key])
+        median = statistics.median(times)
+        out[key] = dict(a, **{times_key: times, times_key[:-4]: median, rate_key: unit / median}, runs=2)
+    return out
+
+
 def attach_reference(result: dict[str, Any], refs: Mapping[str, dict[str, Any]]) -> None:
     """Add ``reference*`` and ``ratio_vs_reference*`` to a case; the two models must have the same size."""
     key = "crops_per_s" if result["kind"] == "train" else "volumes_per_min"
@@ -588,8 +616,11 @@ def run(config: ml_collections.ConfigDict, reference: str | None = None) -> dict
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # PyTorch first: on a GPU, JAX then takes most of the memory.
-    refs = torch_references(config, names) if reference == "torch" else {}
+    # On a GPU the PyTorch references run first (JAX then takes most of the memory). On a CPU each case's
+    # reference runs right before and right after it, and the repeats of both runs are pooled, so a
+    # change in the machine's speed during the run affects both sides alike.
+    bracket = reference == "torch" and jax.default_backend() == "cpu"
+    refs = torch_references(config, names) if reference == "torch" and not bracket else {}
     env = env_report()
     cache = CacheEvents()
     mesh = distributed.make_mesh()
@@ -607,6 +638,7 @@ def run(config: ml_collections.ConfigDict, reference: str | None = None) -> dict
 
         for name in names:
             case = config.cases[name]
+            before = torch_references(config, [name]) if bracket else {}
             print(f"cinjax: {name} ...", flush=True)
             if case.kind == "train":
                 result = run_train_case(name, case, config, mesh, records, cache)
@@ -614,6 +646,8 @@ def run(config: ml_collections.ConfigDict, reference: str | None = None) -> dict
                 result = run_inference_case(name, case, config, cache)
             else:
                 raise ValueError(f"{name}: kind must be 'train' or 'inference', got {case.kind!r}.")
+            if bracket:
+                refs[name] = pool_references(before[name], torch_references(config, [name])[name])
             if name in refs:
                 attach_reference(result, refs[name])
             cases.append(result)
