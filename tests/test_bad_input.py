@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -153,9 +154,9 @@ def test_several_problems_of_one_volume_are_all_reported(tmp_path):
     assert len(msgs) == 2 and msgs[0].startswith(ip) and msgs[1].startswith(lp)
 
 
-def _dataset(tmp_path, entries, json_name="ds.json"):
+def _dataset(tmp_path, entries, json_name="ds.json", validation=()):
     with open(tmp_path / json_name, "w") as f:
-        json.dump({"modality": 0, "training": entries, "validation": [], "test": []}, f)
+        json.dump({"modality": 0, "training": entries, "validation": list(validation), "test": []}, f)
     cfg = default_data_config()
     cfg.root = str(tmp_path)
     cfg.json_lists = (json_name,)
@@ -181,6 +182,76 @@ def test_bad_volume_raises_before_training_and_leaves_no_cache_entry(tmp_path):
     assert len(cached) == 1 and cached[0].startswith("good_image-")  # no entry (or temp dir) for 'bad'
 
 
+def _entries(*names):
+    return [{"image": f"{n}_image.nii.gz", "label": f"{n}_label.nii.gz"} for n in names]
+
+
+def _singular(path):
+    """Rewrite a NIfTI file with a sform whose third column is zero (nibabel refuses to write one)."""
+    img = nib.load(path)
+    img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
+    img.header["srow_z"] = [0, 0, 0, 5]
+    img.update_header = lambda: None  # keep the edited header as it is
+    nib.save(img, path)
+
+
+def test_singular_affine_is_reported_by_verify_and_prepare(tmp_path):
+    ip, lp = _pair(tmp_path, "flat")
+    _singular(ip)
+    (msg,) = _problems(ip, lp)
+    assert msg.startswith(f"{ip}: affine is singular (a zero voxel size / not invertible)")
+    cfg = _dataset(tmp_path, _entries("flat"))
+    assert preprocess.verify(cfg, progress=False) == [msg]
+    with pytest.raises(DataError, match=re.escape(f"{ip}: affine is singular")):
+        preprocess.prepare(cfg, progress=False)
+
+
+def test_no_training_volumes(tmp_path):
+    _pair(tmp_path, "v")
+    cfg = _dataset(tmp_path, [], validation=_entries("v"))
+    msg = "the training split has no volumes (data.json_lists=('ds.json',))"
+    assert [p for p in preprocess.verify(cfg, progress=False) if msg in p] != []
+    with pytest.raises(DataError, match=re.escape(msg)):
+        preprocess.prepare(cfg, progress=False)
+    # Without the training split (e.g. evaluation only) an empty training list is fine.
+    assert preprocess.verify(cfg, ("validation",), progress=False) == []
+    assert preprocess.prepare(cfg, ("validation",), progress=False).written == 1
+
+
+def test_paths_that_are_not_files_say_what_they_are(tmp_path):
+    _pair(tmp_path, "good")
+    os.symlink(tmp_path / "b_image.nii.gz", tmp_path / "a_image.nii.gz")
+    os.symlink(tmp_path / "a_image.nii.gz", tmp_path / "b_image.nii.gz")
+    (tmp_path / "dir_image.nii.gz").mkdir()
+    entries = [dict(e, label="good_label.nii.gz") for e in _entries("a", "dir")]
+    # The content fingerprint opens the sources: a directory must not crash it either.
+    cfg = _dataset(tmp_path, entries, "bad.json")
+    cfg.cache_fingerprint = "content"
+    problems = preprocess.verify(cfg, progress=False)
+    assert problems == [
+        f"{tmp_path}/a_image.nii.gz: image is a symlink loop (its links point back to each other, never "
+        "to a file). Point the link at the real file.",
+        f"{tmp_path}/dir_image.nii.gz: image is a directory, not a file. Point the datalist entry at the "
+        "NIfTI file (.nii / .nii.gz) itself.",
+    ]
+    with pytest.raises(DataError, match=r"(?s)2 bad volume.*symlink loop.*is a directory, not a file"):
+        preprocess.prepare(cfg, progress=False)
+
+
+def test_constant_image_and_empty_validation_label(tmp_path):
+    ip, lp = _pair(tmp_path, "flat", image=np.full(SHAPE, 3.0, np.float32))
+    (msg,) = _problems(ip, lp, "training")
+    assert msg.startswith(f"{ip}: image is constant (every voxel = 3); nothing to learn from")
+    warnings = []
+    assert preprocess.check_volume(_task(ip, lp, "validation"), warnings) == []
+    assert len(warnings) == 1 and warnings[0].startswith(f"{ip}: image is constant (every voxel = 3)")
+    ip, lp = _pair(tmp_path, "bg", label=np.zeros(SHAPE, np.uint8))
+    warnings = []
+    assert preprocess.check_volume(_task(ip, lp, "validation"), warnings) == []
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{lp}: validation label has no foreground: its Dice will be NaN")
+
+
 def _write_config(tmp_path, cfg):
     path = tmp_path / "cfg.py"
     path.write_text(
@@ -198,18 +269,22 @@ def _write_config(tmp_path, cfg):
     return str(path)
 
 
-def _cli(*args):
+def _python(*args):
     env = dict(
         os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu"
     )
     return subprocess.run(
-        [sys.executable, "-m", "cinjax.data", *args],
+        [sys.executable, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def _cli(*args):
+    return _python("-m", "cinjax.data", *args)
 
 
 def test_verify_cli_lists_every_problem(tmp_path):
@@ -242,3 +317,44 @@ def test_verify_cli_lists_every_problem(tmp_path):
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
     proc = _cli("prepare", "--config", config)
     assert proc.returncode == 0 and "1 entries written" in proc.stdout, proc.stderr
+
+
+def test_verify_cli_prints_warnings_apart_and_exits_0(tmp_path):
+    _pair(tmp_path, "good")
+    _pair(tmp_path, "bg", label=np.zeros(SHAPE, np.uint8))
+    cfg = _dataset(tmp_path, _entries("good"), validation=_entries("bg"))
+    proc = _cli("verify", "--config", _write_config(tmp_path, cfg))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 warning(s):\n- " in proc.stderr and "problem" not in proc.stderr
+    assert "bg_label.nii.gz: validation label has no foreground: its Dice will be NaN" in proc.stderr
+    assert proc.stdout.startswith("OK: ") and "1 warning(s) above" in proc.stdout
+
+
+def test_ctrl_c_during_prepare_stops_with_one_line(tmp_path):
+    _pair(tmp_path, "a")
+    _pair(tmp_path, "b")
+    _pair(tmp_path, "c")
+    cfg = _dataset(tmp_path, _entries("a", "b", "c"))
+    # A real SIGINT while the second volume is prepared (in this process: --workers=0).
+    script = textwrap.dedent("""
+        import signal
+        from absl import app
+        from cinjax.data import __main__ as cli, preprocess
+
+        real, calls = preprocess._prepare_one, []
+
+        def prepare_one(args):
+            calls.append(1)
+            if len(calls) == 2:
+                signal.raise_signal(signal.SIGINT)
+            return real(args)
+
+        preprocess._prepare_one = prepare_one
+        app.run(cli.main)
+    """)
+    proc = _python("-c", script, "prepare", "--config", _write_config(tmp_path, cfg), "--workers=0")
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "interrupted" in line]
+    assert lines == ["interrupted; 1 of 3 entries are cached, the rest will be prepared next time."]
+    assert preprocess.prepare(cfg, progress=False).written == 2

@@ -1,4 +1,8 @@
-"""NIfTI I/O: dtypes, geometry, exact round trips, accepted variants."""
+"""NIfTI I/O: dtypes, geometry, exact round trips, accepted variants, and paths that are not
+readable NIfTI files."""
+
+import builtins
+import os
 
 import nibabel as nib
 import numpy as np
@@ -90,3 +94,43 @@ def test_write_nifti_int64_is_stored_as_int32(tmp_path):
     img = nib.load(str(tmp_path / "sub" / "p.nii.gz"))
     assert img.get_data_dtype() == np.int32
     np.testing.assert_array_equal(np.asarray(img.dataobj), np.arange(8).reshape(2, 2, 2))
+
+
+def test_singular_affine_is_rejected_naming_the_file(tmp_path):
+    path = str(tmp_path / "flat.nii.gz")
+    img = nib.Nifti1Image(np.ones((4, 5, 6), np.float32), _affine())
+    img.header["srow_z"] = [0, 0, 0, 5]  # sform with a zero third column (a zero voxel size)
+    img.update_header = lambda: None  # nibabel would re-derive the header from a valid affine
+    nib.save(img, path)
+    assert np.linalg.matrix_rank(nib.load(path).affine[:3, :3]) == 2
+    for load in (io.load_image, io.load_label):
+        with pytest.raises(io.DataError, match=r"flat\.nii\.gz: affine is singular \(a zero voxel size"):
+            load(path)
+
+
+def test_unreadable_paths_say_what_they_are(tmp_path, monkeypatch):
+    loop, other = tmp_path / "x.nii.gz", tmp_path / "y.nii.gz"
+    os.symlink(other, loop)
+    os.symlink(loop, other)
+    with pytest.raises(io.DataError, match=r"x\.nii\.gz: image is a symlink loop"):
+        io.load_image(str(loop))
+    dangling = tmp_path / "d.nii.gz"
+    os.symlink(tmp_path / "gone.nii.gz", dangling)
+    with pytest.raises(io.DataError, match=r"d\.nii\.gz: label is a dangling symlink \(it points to .*gone"):
+        io.load_label(str(dangling))
+    (tmp_path / "img.nii.gz").mkdir()
+    with pytest.raises(io.DataError, match=r"img\.nii\.gz: image is a directory, not a file"):
+        io.load_image(str(tmp_path / "img.nii.gz"))
+    # Tests run as root, who reads chmod-000 files: deny the read the way the OS would for a user.
+    locked = str(tmp_path / "locked.nii.gz")
+    io.write_nifti(locked, np.ones((2, 2, 2), np.float32), np.eye(4))
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):
+        if os.fspath(file) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    with pytest.raises(io.DataError, match=r"locked\.nii\.gz: permission denied \(cannot read the image\)"):
+        io.load_image(locked)

@@ -2,7 +2,12 @@
 inversion, and the cache (reuse, invalidation, no partial entries)."""
 
 import json
+import logging
+import multiprocessing
 import os
+import re
+import signal
+import threading
 import time
 
 import nibabel as nib
@@ -327,6 +332,7 @@ def test_prepare_records_and_reuse(tmp_path):
     assert rec.modality == 1 and rec.has_label and rec.key == "MR/mr_0_image"
     assert [r.modality for r in first.all_records("training")] == [0, 1]
     assert first.modality_names == {0: "CT", 1: "MR", 2: "PET"} and first.num_classes == 4
+    assert first.missing_training_modalities() == ["PET"]
     # Cached arrays are exactly what preprocess_volume produces.
     ct = first.records["training"]["CT"][0]
     image, label, meta = preprocess.preprocess_volume(make_task(cfg, ct))
@@ -394,3 +400,68 @@ def test_process_pool_gives_the_same_entries(tmp_path):
     cfg.preprocess_workers = 0
     again = preprocess.prepare(cfg, progress=False)
     assert again.written == 0 and again.records == pooled.records
+
+
+def _chunk(record):
+    return os.path.join(record.image_path, "c", "0", "0", "0")
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_cache_entry_is_reported_and_rebuilt(tmp_path, caplog, damage):
+    cfg = _dataset(tmp_path, n=1)
+    first = preprocess.prepare(cfg, progress=False)
+    rec = first.records["training"]["MR"][0]
+    image, label = cache.read_volume(rec)
+    if damage == "delete":  # tensorstore would read the missing chunk as zeros
+        os.remove(_chunk(rec))
+    else:
+        with open(_chunk(rec), "r+b") as f:
+            f.truncate(100)
+        with pytest.raises(io.DataError, match=re.escape(f"{rec.path}: cannot read the cached volume")):
+            cache.read_volume(rec)
+    assert cache.check_entry(rec.path).startswith("image.zarr/c/0/0/0")
+    warnings = []
+    assert preprocess.verify(cfg, progress=False, warnings=warnings) == []
+    assert [w for w in warnings if w.startswith(f"{rec.path}: the cache entry of ")] != []
+    with caplog.at_level(logging.WARNING, logger=preprocess.__name__):
+        second = preprocess.prepare(cfg, progress=False)
+    assert second.written == 1 and second.records == first.records
+    assert f"{rec.path}: cache entry of " in caplog.text and "rebuilding it" in caplog.text
+    got_image, got_label = cache.read_volume(rec)
+    np.testing.assert_array_equal(got_image, image)
+    np.testing.assert_array_equal(got_label, label)
+    assert cache.check_entry(rec.path, content=True) is None
+
+
+def test_changed_cache_bytes_and_entries_without_a_file_list(tmp_path):
+    cfg = _dataset(tmp_path, n=1)
+    rec = preprocess.prepare(cfg, progress=False).records["training"]["MR"][0]
+    with open(_chunk(rec), "r+b") as f:  # same size, other bytes: only verify's CRC-32 sees it
+        f.seek(8)
+        byte = f.read(1)
+        f.seek(8)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert cache.check_entry(rec.path) is None
+    warnings = []
+    assert preprocess.verify(cfg, progress=False, warnings=warnings) == []
+    assert [w for w in warnings if rec.path in w and "CRC-32 mismatch" in w] != []
+    # An entry whose metadata has no file list (another writer) is not trusted either.
+    meta = cache.read_meta(rec.path)
+    del meta["files"]
+    with open(os.path.join(rec.path, cache.META), "w") as f:
+        json.dump(meta, f)
+    assert preprocess.prepare(cfg, progress=False).written == 1
+    assert cache.check_entry(rec.path, content=True) is None
+
+
+def test_ctrl_c_cancels_the_pool_promptly():
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(preprocess.Interrupted) as err:
+            preprocess._run(time.sleep, [20.0] * 4, 2, "sleep", False)  # 40 s of work on 2 workers
+    finally:
+        timer.cancel()
+    assert err.value.done == [] and time.perf_counter() - start < 15
+    assert multiprocessing.active_children() == []

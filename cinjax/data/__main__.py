@@ -4,8 +4,10 @@
     python -m cinjax.data prepare --config configs/mmwhs.py [--splits=training,validation,test]
 
 ``verify`` reads every datalist and every volume and prints ALL problems at once (each names the
-file and what is wrong); the exit status is 1 if there is any. ``prepare`` builds the preprocessing
-cache (reusing valid entries) so that training starts without the preprocessing pass.
+file and what is wrong); the exit status is 1 if there is any. Warnings (doubtful but usable volumes,
+damaged cache entries that ``prepare`` rebuilds) are printed apart and leave the status 0. ``prepare``
+builds the preprocessing cache (reusing valid entries) so that training starts without the
+preprocessing pass. Ctrl-C stops either promptly with status 130; entries already written are kept.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -40,27 +43,46 @@ def _maybe_generate_phantom(data) -> None:
         print(f"Generated the phantom dataset in {info['root']} ({info['seconds']:.1f} s).")
 
 
+def _print_list(title: str, lines: list[str]) -> None:
+    print(f"{len(lines)} {title}:", file=sys.stderr)
+    for line in lines:
+        print(f"- {line}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[1] not in ("verify", "prepare"):
         raise app.UsageError(_USAGE)
     if _CONFIG.value is None:
         raise app.UsageError("--config is required. " + _USAGE)
-    config = _CONFIG.value
+    try:
+        return _verify(_CONFIG.value) if argv[1] == "verify" else _prepare(_CONFIG.value)
+    except KeyboardInterrupt as e:  # preprocess.Interrupted says how far it got
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 130
+
+
+def _verify(config: ml_collections.ConfigDict) -> int:
     _maybe_generate_phantom(preprocess.data_section(config))
     start = time.perf_counter()
-    if argv[1] == "verify":
-        splits = tuple(_SPLITS.value or SPLITS)
-        problems = preprocess.verify(config, splits, workers=_WORKERS.value)
-        if problems:
-            print(f"{len(problems)} problem(s) found:", file=sys.stderr)
-            for p in problems:
-                print(f"- {p}", file=sys.stderr)
-            return 1
-        print(
-            f"OK: every datalist entry and volume of {', '.join(splits)} is usable "
-            f"({time.perf_counter() - start:.1f} s)."
-        )
-        return 0
+    splits = tuple(_SPLITS.value or SPLITS)
+    warnings: list[str] = []
+    problems = preprocess.verify(config, splits, workers=_WORKERS.value, warnings=warnings)
+    if warnings:
+        _print_list("warning(s)", warnings)
+    if problems:
+        _print_list("problem(s) found", problems)
+        return 1
+    note = f", {len(warnings)} warning(s) above" if warnings else ""
+    print(
+        f"OK: every datalist entry and volume of {', '.join(splits)} is usable "
+        f"({time.perf_counter() - start:.1f} s{note})."
+    )
+    return 0
+
+
+def _prepare(config: ml_collections.ConfigDict) -> int:
+    _maybe_generate_phantom(preprocess.data_section(config))
+    start = time.perf_counter()
     splits = tuple(_SPLITS.value or ("training", "validation"))
     try:
         prepared = preprocess.prepare(config, splits, workers=_WORKERS.value)

@@ -6,11 +6,13 @@ One entry is a directory::
     <entry>/label.zarr   uint8   (D, H, W)  (absent for unlabelled volumes)
     <entry>/fg.npy       int64 flat indices of label > 0            (pos crop centres)
     <entry>/bg.npy       int64 flat indices of label == 0 & image > 0  (neg crop centres)
-    <entry>/meta.json    key, modality, shape, spacing, geometry, source hashes, settings
+    <entry>/meta.json    key, modality, shape, spacing, geometry, source hashes, settings, and the size
+                         and CRC-32 of every other file of the entry
 
 Entries are written to a temporary directory and renamed into place, so a crash or a bad volume never
-leaves a half-written entry that a later run would trust. This module is the storage layer only; what
-goes in an entry is decided by :mod:`cinjax.data.preprocess`.
+leaves a half-written entry that a later run would trust; :func:`check_entry` finds entries damaged
+later (a deleted chunk file would read as zeros, a truncated one fails in a loader worker). This module
+is the storage layer only; what goes in an entry is decided by :mod:`cinjax.data.preprocess`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import json
 import os
 import shutil
 import uuid
+import zlib
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
+
+from cinjax.data.io import DataError
 
 CHUNK = 64
 META = "meta.json"
@@ -73,6 +78,26 @@ def _open(path: str) -> ts.TensorStore:
     return ts.open(_spec(path), open=True, read=True).result()
 
 
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _inventory(root: str) -> dict[str, list[int]]:
+    """``relative path -> [size, CRC-32]`` of every file under ``root`` except the metadata."""
+    out = {}
+    for parent, _, names in os.walk(root):
+        for name in names:
+            full = os.path.join(parent, name)
+            rel = os.path.relpath(full, root)
+            if rel != META:
+                out[rel] = [os.path.getsize(full), _crc32(full)]
+    return dict(sorted(out.items()))
+
+
 def write_entry(
     path: str,
     *,
@@ -104,7 +129,12 @@ def write_entry(
                 np.flatnonzero((flat_label == 0) & (image.reshape(-1) > 0)),
             )
         full_meta = dict(
-            meta, key=key, modality=int(modality), shape=list(image.shape), has_label=label is not None
+            meta,
+            key=key,
+            modality=int(modality),
+            shape=list(image.shape),
+            has_label=label is not None,
+            files=_inventory(tmp),
         )
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(full_meta, f, indent=1)
@@ -123,6 +153,28 @@ def read_meta(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def check_entry(path: str, content: bool = False) -> str | None:
+    """What is wrong with the entry at ``path`` (a file missing or of another size than written; with
+    ``content``, also changed bytes: reads the whole entry), or None when it is intact."""
+    try:
+        files = read_meta(path).get("files")
+    except (OSError, ValueError) as e:
+        return f"cannot read its {META} ({e})"
+    if not isinstance(files, dict):
+        return f"its {META} has no file list (written by an older cinjax)"
+    for rel, (size, crc) in files.items():
+        full = os.path.join(path, rel)
+        try:
+            found = os.path.getsize(full)
+        except OSError as e:
+            return f"{rel}: {e.strerror}"
+        if found != size:
+            return f"{rel} has {found} bytes, {size} were written"
+        if content and _crc32(full) != crc:
+            return f"{rel} has changed since it was written (CRC-32 mismatch)"
+    return None
+
+
 def load_record(path: str) -> VolumeRecord:
     """The :class:`VolumeRecord` of an existing entry (raises ``FileNotFoundError`` if incomplete)."""
     meta = read_meta(path)
@@ -135,20 +187,33 @@ def load_record(path: str) -> VolumeRecord:
     )
 
 
+def _read(record: VolumeRecord, path: str, box: tuple[slice, ...] = ()) -> np.ndarray:
+    """Read ``box`` of one array of an entry; a damaged entry is a :class:`DataError` saying what to do."""
+    try:
+        return _open(path)[box].read().result()
+    except ValueError as e:
+        raise DataError(
+            f"{record.path}: cannot read the cached volume {record.key} ({e}); the cache entry is "
+            "damaged. Run `python -m cinjax.data prepare` with the same config to rebuild it."
+        ) from e
+
+
 def read_crop(
     record: VolumeRecord, start: tuple[int, int, int], size: tuple[int, int, int]
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read the box ``[start, start + size)`` of image and label (box must lie inside the volume)."""
+    if any(s < 0 or s + n > d for s, n, d in zip(start, size, record.shape)):
+        raise ValueError(f"{record.key}: box at {start} of size {size} exceeds the volume {record.shape}.")
     box = tuple(slice(s, s + n) for s, n in zip(start, size))
-    image = _open(record.image_path)[box].read().result()
-    label = _open(record.label_path)[box].read().result() if record.has_label else None
+    image = _read(record, record.image_path, box)
+    label = _read(record, record.label_path, box) if record.has_label else None
     return image, label
 
 
 def read_volume(record: VolumeRecord) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole preprocessed image (float32) and label (uint8, or None)."""
-    image = _open(record.image_path).read().result()
-    label = _open(record.label_path).read().result() if record.has_label else None
+    image = _read(record, record.image_path)
+    label = _read(record, record.label_path) if record.has_label else None
     return image, label
 
 

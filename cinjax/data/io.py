@@ -8,7 +8,9 @@ int64 after checking that every value is an integer.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import stat
 import zlib
 from collections.abc import Mapping
 
@@ -46,9 +48,44 @@ class Geometry:
         }
 
 
+def _check_readable(path: str, what: str) -> None:
+    """Name what is wrong when ``path`` is not a readable file (nibabel reports all of these as
+    'no such file' or as a file it cannot parse)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DataError(
+                f"{path}: {what} is a dangling symlink (it points to {os.readlink(path)!r}, which does "
+                "not exist). Fix the link or the datalist entry."
+            ) from None
+        raise DataError(
+            f"{path}: {what} file does not exist. Check the datalist entry and the data root."
+        ) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(
+                f"{path}: {what} is a symlink loop (its links point back to each other, never to a "
+                "file). Point the link at the real file."
+            ) from None
+        raise DataError(f"{path}: cannot access the {what} ({e.strerror}).") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(
+            f"{path}: {what} is a directory, not a file. Point the datalist entry at the NIfTI file "
+            "(.nii / .nii.gz) itself."
+        )
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise DataError(
+            f"{path}: permission denied (cannot read the {what}). Make the file readable by this user "
+            "(e.g. chmod a+r) or run as a user who can read it."
+        ) from None
+
+
 def _open(path: str, what: str) -> nib.Nifti1Image:
-    if not os.path.exists(path):
-        raise DataError(f"{path}: {what} file does not exist. Check the datalist entry and the data root.")
+    _check_readable(path, what)
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises several types for unreadable headers
@@ -59,6 +96,22 @@ def _open(path: str, what: str) -> nib.Nifti1Image:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{path}: {what} is a {type(img).__name__}, expected a NIfTI (.nii / .nii.gz) file.")
     return img
+
+
+def _affine(img: nib.Nifti1Image, path: str, what: str) -> np.ndarray:
+    """The file's affine; one that does not place the voxels in space (NaN, or singular: a zero
+    voxel size or collinear axes, which reorientation cannot handle) is an error naming the file."""
+    affine = np.asarray(img.affine, np.float64)
+    if not np.isfinite(affine).all():
+        raise DataError(
+            f"{path}: {what} affine has NaN/inf entries; fix the header's sform / qform:\n{affine}"
+        )
+    if np.linalg.matrix_rank(affine[:3, :3]) < 3:  # the tolerance nibabel's io_orientation uses
+        raise DataError(
+            f"{path}: affine is singular (a zero voxel size / not invertible), so the {what} voxels "
+            f"have no orientation; fix the header's sform / qform / pixdim:\n{affine}"
+        )
+    return affine
 
 
 def _read_array(img: nib.Nifti1Image, path: str, what: str) -> np.ndarray:
@@ -83,17 +136,19 @@ def _read_array(img: nib.Nifti1Image, path: str, what: str) -> np.ndarray:
 def load_image(path: str) -> tuple[np.ndarray, Geometry]:
     """Load a 3D image as float32 with its geometry; rejects NaN/inf voxels."""
     img = _open(path, "image")
+    affine = _affine(img, path, "image")
     data = _read_array(img, path, "image").astype(np.float32, copy=False)
     bad = ~np.isfinite(data)
     if bad.any():
         raise DataError(f"{path}: image has {int(bad.sum())} NaN/inf voxels. Fix or mask them before use.")
-    return np.ascontiguousarray(data), Geometry(np.asarray(img.affine, np.float64), tuple(data.shape))
+    return np.ascontiguousarray(data), Geometry(affine, tuple(data.shape))
 
 
 def load_label(path: str) -> tuple[np.ndarray, Geometry]:
     """Load a 3D label map as an integer array (the file's integer dtype, or int64 for float files)
     with its geometry; rejects NaN/inf and non-integer values."""
     img = _open(path, "label")
+    affine = _affine(img, path, "label")
     data = _read_array(img, path, "label")
     if not np.issubdtype(data.dtype, np.integer):
         if not np.isfinite(data).all():
@@ -105,7 +160,7 @@ def load_label(path: str) -> tuple[np.ndarray, Geometry]:
                 "a label map must hold integer class codes."
             )
         data = rounded.astype(np.int64)
-    return np.ascontiguousarray(data), Geometry(np.asarray(img.affine, np.float64), tuple(data.shape))
+    return np.ascontiguousarray(data), Geometry(affine, tuple(data.shape))
 
 
 def check_pair(

@@ -62,6 +62,9 @@ from cinjax.data.cache import VolumeRecord
 MODES = ("interleave", "joint", "single")
 REQUIRED_KEYS = ("image", "label", "modality")
 MAX_PATTERN_PERIOD = 1024
+# Length of the endless streams: far past any run, and small enough that grain's index arithmetic
+# (a batch rounds its parent's length up) never exceeds sys.maxsize (batch size 1 hit that).
+UNBOUNDED = 1 << 60
 
 SampleFn = Callable[[VolumeRecord, np.random.Generator, Any], dict[str, np.ndarray]]
 
@@ -137,7 +140,7 @@ class ModalitySchedule(grain.transforms.DatasetSelectionMap):
         return (x // self.period) * self.proportions[m] + int(self._cum[m, x % self.period])
 
     def __len__(self) -> int:
-        return sys.maxsize
+        return UNBOUNDED
 
     def modality_index(self, step: int, row: int) -> int:
         """Index (into the modality order) of the modality scheduled for ``row`` of ``step``."""
@@ -181,7 +184,7 @@ class EpochShuffle(grain.transforms.DatasetSelectionMap):
         self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return sys.maxsize
+        return UNBOUNDED
 
     def permutation(self, epoch: int) -> np.ndarray:
         perm = self._cache.get(epoch)
@@ -208,7 +211,7 @@ class ProcessRows(grain.transforms.DatasetSelectionMap):
         self.global_batch_size = int(global_batch_size)
 
     def __len__(self) -> int:
-        return (sys.maxsize // self.global_batch_size) * len(self.rows)
+        return (UNBOUNDED // self.global_batch_size) * len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[int, int]:
         step, i = divmod(int(index), len(self.rows))
@@ -230,6 +233,16 @@ class _Sample:
                 f"Sample function returned keys {sorted(sample)} for {record.key}; missing {missing}."
             )
         return sample
+
+
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+    """Loader workers exit when the trainer dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``)."""
+    del worker_index, worker_count
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 def _seed32(*entropy: int) -> int:
@@ -452,7 +465,7 @@ def make_train_loader(
         options = grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)
         )
-        ds = ds.mp_prefetch(options)
+        ds = ds.mp_prefetch(options, worker_init_fn=_die_with_parent)
     return TrainLoader(
         iter(ds),
         schedule=schedule,

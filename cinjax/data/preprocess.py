@@ -27,6 +27,9 @@ channel-first layout without the channel, i.e. exactly what MI-Seg's networks sa
 Entries live in ``<cache_dir>/<modality>/<file name>-<hash>``; the hash covers the source files (size +
 mtime, or their bytes with ``cache_fingerprint="content"``) and every setting that changes the result,
 so a changed source or setting makes a new entry and an unchanged one is reused without re-reading.
+An entry is reused only while every file it wrote still has its size (:func:`cache.check_entry`); a
+damaged one is rebuilt with a warning. :func:`verify` also compares the entries' bytes with the
+CRC-32s recorded at write time.
 
 ``config.data`` keys (defaults in :func:`cinjax.data.config.default_data_config`):
 
@@ -66,8 +69,10 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,7 +93,9 @@ from cinjax.data.geometry import resample, resampled_grid, to_ras
 from cinjax.data.io import DataError, Geometry, check_pair, load_image, load_label, map_label_codes
 from cinjax.shapes import padding_to
 
-VERSION = 1  # bump when the preprocessing output changes for the same settings
+VERSION = 2  # bump when the preprocessing output changes for the same settings (2: file list in meta)
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- intensity
@@ -167,8 +174,11 @@ class Task:
         }
 
 
-def _load_checked(task: Task) -> tuple[list[str], np.ndarray | None, Geometry | None, np.ndarray | None]:
-    """Load image and label once -> (every problem, image, image geometry, label as class ids)."""
+def _load_checked(
+    task: Task, warnings: list[str] | None = None
+) -> tuple[list[str], np.ndarray | None, Geometry | None, np.ndarray | None]:
+    """Load image and label once -> (every problem, image, image geometry, label as class ids);
+    doubts that do not stop a volume's use are appended to ``warnings`` (when a list is given)."""
     e = task.entry
     problems = []
     image = image_geom = label = label_geom = None
@@ -188,17 +198,36 @@ def _load_checked(task: Task) -> tuple[list[str], np.ndarray | None, Geometry | 
             check_pair(e.image, image_geom, e.label, label_geom, task.affine_atol)
         except DataError as err:
             problems.append(str(err))
-    if label is not None and task.needs_foreground and not label.any():
-        problems.append(
-            f"{e.label}: label has no foreground voxels; a training volume needs at least one "
-            "labelled voxel (remove it from the training list or fix the label)."
-        )
+    if image is not None and image.size and image.min() == image.max():
+        value = f"{float(image.flat[0]):g}"
+        if task.needs_foreground:
+            problems.append(
+                f"{e.image}: image is constant (every voxel = {value}); nothing to learn from. Remove "
+                "it from the training list or fix the file."
+            )
+        elif warnings is not None:
+            warnings.append(
+                f"{e.image}: image is constant (every voxel = {value}); its prediction means nothing. "
+                "Check the file."
+            )
+    if label is not None and not label.any():
+        if task.needs_foreground:
+            problems.append(
+                f"{e.label}: label has no foreground voxels; a training volume needs at least one "
+                "labelled voxel (remove it from the training list or fix the label)."
+            )
+        elif warnings is not None:
+            warnings.append(
+                f"{e.label}: {e.split} label has no foreground: its Dice will be NaN (left out of the "
+                "Dice means). Check the label, or drop the volume from the list."
+            )
     return problems, image, image_geom, label
 
 
-def check_volume(task: Task) -> list[str]:
-    """Every problem of one volume (each message names the file); empty if it is usable."""
-    return _load_checked(task)[0]
+def check_volume(task: Task, warnings: list[str] | None = None) -> list[str]:
+    """Every problem of one volume (each message names the file); empty if it is usable. Doubts that
+    do not stop its use (e.g. an all-background validation label) go to ``warnings`` if given."""
+    return _load_checked(task, warnings)[0]
 
 
 def preprocess_volume(task: Task) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
@@ -277,20 +306,27 @@ def _cache_path(cache_dir: str, task: Task, digest: str) -> str:
     return os.path.join(cache_dir, task.modality_name, f"{task.entry.name}-{digest[:16]}")
 
 
-def _cached(task: Task, cache_dir: str) -> tuple[str, str, cache.VolumeRecord | None]:
-    """(entry path, hash, record if a valid entry already exists)."""
+def _cached(
+    task: Task, cache_dir: str, content: bool = False
+) -> tuple[str, str, cache.VolumeRecord | None, str | None]:
+    """(entry path, hash, record if a valid entry already exists, why an entry with this hash is
+    damaged: see :func:`cache.check_entry`)."""
     digest = entry_hash(task)
     path = _cache_path(cache_dir, task, digest)
     try:
         if cache.read_meta(path).get("hash") == digest:
-            return path, digest, cache.load_record(path)
+            damage = cache.check_entry(path, content)
+            if damage is None:
+                return path, digest, cache.load_record(path), None
+            return path, digest, None, damage
     except (OSError, ValueError):  # absent or unreadable: (re)build
         pass
-    return path, digest, None
+    return path, digest, None, None
 
 
 def _sources_exist(task: Task) -> bool:
-    return all(p is None or os.path.exists(p) for p in (task.entry.image, task.entry.label))
+    """Both sources are files (anything else is left to :func:`check_volume` to explain)."""
+    return all(p is None or os.path.isfile(p) for p in (task.entry.image, task.entry.label))
 
 
 def _prepare_one(args: tuple[Task, str]) -> tuple[cache.VolumeRecord | None, bool, str | None]:
@@ -299,7 +335,7 @@ def _prepare_one(args: tuple[Task, str]) -> tuple[cache.VolumeRecord | None, boo
     try:
         if not _sources_exist(task):
             return None, False, "\n".join(check_volume(task))
-        path, digest, record = _cached(task, cache_dir)
+        path, digest, record, _ = _cached(task, cache_dir)
         if record is not None:
             return record, False, None
         image, label, meta = preprocess_volume(task)
@@ -314,7 +350,7 @@ def _prepare_one(args: tuple[Task, str]) -> tuple[cache.VolumeRecord | None, boo
             )
         except OSError:
             # Another process (e.g. a second host on a shared cache) finished the same entry first.
-            _, _, record = _cached(task, cache_dir)
+            record = _cached(task, cache_dir)[2]
             if record is None:
                 raise
         return record, True, None
@@ -331,6 +367,8 @@ def make_tasks(data: Any, entries: Mapping[str, Sequence[Entry]], splits: Sequen
     """One task per unique (image, label, modality) of the given splits, in datalist order."""
     names = modality_names(check_modalities(data.modalities))
     codes = label_code_map(data.label_codes, int(data.num_classes))
+    if data.cache_fingerprint not in ("stat", "content"):
+        raise DataError(f"data.cache_fingerprint={data.cache_fingerprint!r}: expected 'stat' or 'content'.")
     tasks: dict[tuple, Task] = {}
     for split in splits:
         if split not in SPLITS:
@@ -356,21 +394,79 @@ def make_tasks(data: Any, entries: Mapping[str, Sequence[Entry]], splits: Sequen
     return list(tasks.values())
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`_run` (queued work cancelled); ``done`` holds the results that were ready."""
+
+    def __init__(self, done: list, message: str = "interrupted"):
+        super().__init__(message)
+        self.done = done
+
+
+_in_task = False  # in a pool worker: whether a task is running (see _on_sigterm)
+
+
+def _worker_init() -> None:
+    """Pool worker set-up: Ctrl-C is the parent's to handle (no traceback per worker); the parent stops
+    the workers with SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _in_task:
+        raise KeyboardInterrupt  # unwinds the task, so write_entry removes its temporary directory
+    os._exit(130)
+
+
+def _in_worker(fn, item):
+    """``fn(item)`` in a pool worker; a task stopped by SIGTERM ends the worker once it has cleaned up."""
+    global _in_task
+    _in_task = True
+    try:
+        return fn(item)
+    except KeyboardInterrupt:
+        os._exit(130)
+    finally:
+        _in_task = False
+
+
+def _stop(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Stop the workers now, not after the tasks already handed to them (see :func:`_on_sigterm`), and
+    cancel the queued work; the pool's own thread reaps the workers."""
+    for p in list(pool._processes.values()):  # Python >= 3.14: pool.terminate_workers()
+        p.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run(fn, items: list, workers: int, desc: str, progress: bool) -> list:
-    """``map(fn, items)`` in order, on a spawn-context process pool when ``workers > 1``."""
+    """``map(fn, items)`` in order, on a spawn-context process pool when ``workers > 1``.
+
+    Ctrl-C cancels the rest and raises :class:`Interrupted` with the results that were ready.
+    """
     bar = tqdm.tqdm(total=len(items), desc=desc, unit="vol", disable=not progress, dynamic_ncols=True)
     try:
         if workers <= 1 or len(items) <= 1:
             out = []
-            for item in items:
-                out.append(fn(item))
-                bar.update()
+            try:
+                for item in items:
+                    out.append(fn(item))
+                    bar.update()
+            except KeyboardInterrupt:
+                raise Interrupted(out) from None
             return out
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx) as pool:
-            futures = [pool.submit(fn, item) for item in items]
-            for _ in concurrent.futures.as_completed(futures):
-                bar.update()
+        with concurrent.futures.ProcessPoolExecutor(
+            min(workers, len(items)), mp_context=ctx, initializer=_worker_init
+        ) as pool:
+            futures = []
+            try:
+                futures.extend(pool.submit(_in_worker, fn, item) for item in items)
+                for _ in concurrent.futures.as_completed(futures):
+                    bar.update()
+            except KeyboardInterrupt:
+                _stop(pool)
+                ready = [f for f in futures if f.done() and not f.cancelled() and f.exception() is None]
+                raise Interrupted([f.result() for f in ready]) from None
             return [f.result() for f in futures]
     finally:
         bar.close()
@@ -398,10 +494,30 @@ class PreparedData:
     def modality_names(self) -> dict[int, str]:
         return modality_names(self.modalities)
 
+    def missing_training_modalities(self) -> list[str]:
+        """Names of the configured modalities without training volumes (ids ascending); needs the
+        training split to have been prepared."""
+        by_name = self.records["training"]
+        return [name for name in sorted(self.modalities, key=self.modalities.get) if not by_name[name]]
+
     def all_records(self, split: str) -> list[cache.VolumeRecord]:
         """Every record of a split, modality by modality (ids ascending)."""
         by_name = self.records[split]
         return [r for name in sorted(by_name, key=self.modalities.get) for r in by_name[name]]
+
+
+def _no_training_volumes(data: Any, entries: Mapping[str, Sequence[Entry]]) -> str | None:
+    """The error for a dataset whose training split is empty, or None."""
+    if entries["training"]:
+        return None
+    if data.layout == "json":
+        where = f"data.json_lists={tuple(data.json_lists)}"
+    else:
+        where = f"data.layout={data.layout!r}, data.root={data.root!r}"
+    return (
+        f"the training split has no volumes ({where}); training needs at least one labelled volume: "
+        "add entries to the datalists' 'training' lists."
+    )
 
 
 def prepare(
@@ -418,6 +534,9 @@ def prepare(
     data = data_section(config)
     modalities = check_modalities(data.modalities)
     entries = load_entries(data)
+    empty = _no_training_volumes(data, entries) if "training" in splits else None
+    if empty:
+        raise DataError(empty)
     tasks = make_tasks(data, entries, splits)
     cache_dir = cache_dir_of(data)
     workers = int(data.preprocess_workers if workers is None else workers)
@@ -425,11 +544,24 @@ def prepare(
     results: list[tuple[cache.VolumeRecord | None, bool, str | None]] = []
     todo = []
     for i, task in enumerate(tasks):
-        record = _cached(task, cache_dir)[2] if _sources_exist(task) else None
+        record = None
+        if _sources_exist(task):
+            path, _, record, damage = _cached(task, cache_dir)
+            if damage:
+                log.warning(
+                    "%s: cache entry of %s is damaged (%s); rebuilding it.", path, task.entry.image, damage
+                )
         results.append((record, False, None))
         if record is None:
             todo.append(i)
-    built = _run(_prepare_one, [(tasks[i], cache_dir) for i in todo], workers, "preprocess", progress)
+    try:
+        built = _run(_prepare_one, [(tasks[i], cache_dir) for i in todo], workers, "preprocess", progress)
+    except Interrupted as e:
+        cached = len(tasks) - len(todo) + sum(1 for record, _, _ in e.done if record is not None)
+        raise Interrupted(
+            e.done,
+            f"interrupted; {cached} of {len(tasks)} entries are cached, the rest will be prepared next time.",
+        ) from None
     for i, result in zip(todo, built):
         results[i] = result
     errors = [err for _, _, err in results if err]
@@ -454,17 +586,48 @@ def prepare(
     )
 
 
+def _verify_one(args: tuple[Task, str]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of one volume; a damaged cache entry of a good volume is a warning."""
+    task, cache_dir = args
+    warnings: list[str] = []
+    problems = check_volume(task, warnings)
+    if not problems:
+        path, _, _, damage = _cached(task, cache_dir, content=True)
+        if damage:
+            warnings.append(
+                f"{path}: the cache entry of {task.entry.image} is damaged ({damage}); prepare (or "
+                "training) rebuilds it."
+            )
+    return problems, warnings
+
+
 def verify(
-    config: Any, splits: Sequence[str] = SPLITS, *, progress: bool = True, workers: int | None = None
+    config: Any,
+    splits: Sequence[str] = SPLITS,
+    *,
+    progress: bool = True,
+    workers: int | None = None,
+    warnings: list[str] | None = None,
 ) -> list[str]:
-    """Every problem of every datalist and volume (messages name the file); empty when all is well."""
+    """Every problem of every datalist and volume (messages name the file); empty when all is well.
+
+    Doubts that do not stop training (a validation label without foreground, a damaged cache entry,
+    which prepare rebuilds) are appended to ``warnings`` when a list is given.
+    """
     data = data_section(config)
     problems: list[str] = []
     try:
-        tasks = make_tasks(data, collect_entries(data, problems), splits)
+        entries = collect_entries(data, problems)
+        tasks = make_tasks(data, entries, splits)
     except DataError as e:
         return problems + [str(e)]
+    empty = _no_training_volumes(data, entries) if "training" in splits else None
+    if empty:
+        problems.append(empty)
     workers = int(data.preprocess_workers if workers is None else workers)
-    for found in _run(check_volume, tasks, workers, "verify", progress):
+    cache_dir = cache_dir_of(data)
+    for found, doubts in _run(_verify_one, [(t, cache_dir) for t in tasks], workers, "verify", progress):
         problems.extend(found)
+        if warnings is not None:
+            warnings.extend(doubts)
     return problems
