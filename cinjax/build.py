@@ -94,11 +94,34 @@ def prepare_data(data: ml_collections.ConfigDict, splits: Sequence[str]) -> prep
     return prepared
 
 
+def global_batch_size(config: ml_collections.ConfigDict) -> int:
+    """``loader.global_batch_size``, or for 0 (auto) the smallest multiple of the devices that is at least
+    ``loader.min_global_batch_size``: a valid batch on any device count."""
+    n = jax.device_count()
+    return config.loader.global_batch_size or n * -(-config.loader.min_global_batch_size // n)
+
+
 def make_train_loader(
     config: ml_collections.ConfigDict, prepared: preprocess.PreparedData, mesh: Mesh
 ) -> pipeline.TrainLoader:
-    """The interleaving grain loader over the prepared training volumes of ``config.loader.mode``."""
+    """The interleaving grain loader over the prepared training volumes of ``config.loader.mode``.
+
+    Interleaved and joint training need training volumes of every configured modality: a modality
+    without any is an error (it would otherwise be dropped from the mix silently).
+    """
     records = {name: recs for name, recs in prepared.records["training"].items() if recs}
+    empty = [name for name in config.data.modalities if name not in records]
+    if not records:
+        raise ValueError(
+            f"The training split has no volumes (data.layout={config.data.layout!r}, data.json_lists="
+            f"{tuple(config.data.json_lists)}, root {config.data.root!r}): list training volumes."
+        )
+    if empty and config.loader.mode != "single":
+        raise ValueError(
+            f"Modality {', '.join(empty)} of data.modalities has no training volumes; loader.mode="
+            f"{config.loader.mode!r} mixes every modality. Add {', '.join(empty)} volumes to the training "
+            "split, remove it from data.modalities, or train one modality with loader.mode='single'."
+        )
     if config.loader.mode == "single":
         name = config.loader.single_modality_name
         if name not in records:
@@ -112,7 +135,7 @@ def make_train_loader(
     )
     return pipeline.make_train_loader(
         records,
-        global_batch_size=config.loader.global_batch_size,
+        global_batch_size=global_batch_size(config),
         mesh=mesh,
         seed=config.seed,
         mode=config.loader.mode,
@@ -215,8 +238,8 @@ class WindowPredictor:
 
 def restore_for_inference(
     config: ml_collections.ConfigDict, checkpoint: str, run_dir: str
-) -> tuple[nn.Module, Any, Any]:
-    """``(model, params, model_state)`` for eval / predict.
+) -> tuple[nn.Module, checkpointing.InferenceVariables]:
+    """``(model, variables)`` for eval / predict (``variables`` also says which checkpoint they are).
 
     ``checkpoint`` is ``best`` / ``latest`` (of ``run_dir``) or a path: a workdir, a checkpoint step or a
     ``python -m cinjax.convert`` directory, whose own model config then replaces ``config.model``.
@@ -225,8 +248,9 @@ def restore_for_inference(
     if workdir.is_converted(path):
         config = _with_converted_model(config, path)
     prefer = checkpoint if checkpoint in ("best", "latest") else "best"
-    params, model_state = checkpointing.restore_inference_variables(path, prefer=prefer)
-    return make_inference_model(config), params, model_state
+    variables = checkpointing.restore_inference_variables(path, prefer=prefer)
+    logging.info("Restored %s (step %s).", variables.directory, variables.step)
+    return make_inference_model(config), variables
 
 
 def _with_converted_model(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:

@@ -48,6 +48,61 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No restorable checkpoint exists at the given path."""
 
 
+class CheckpointMismatchError(ValueError):
+    """An intact checkpoint that does not fit this config (another model, optimizer or process count)."""
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of an exception's message (orbax / tensorstore errors run to hundreds of lines)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def multihost_sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _check_params_fit(state_dir: epath.Path, abstract_state: PyTree) -> None:
+    """Compare the params a checkpoint stores with the ones this config builds, before reading any array:
+    another model is a :class:`CheckpointMismatchError` naming the first differences. Unreadable metadata
+    is left to the restore (damage)."""
+    want = getattr(abstract_state, "params", None)
+    if want is None:
+        return
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        stored = handler.metadata(state_dir).tree
+    except Exception:  # damaged metadata: the restore fails and the step is skipped as damaged
+        return
+    finally:
+        handler.close()
+    if not isinstance(stored, Mapping) or "params" not in stored:
+        return
+    have = {
+        _names(p): tuple(getattr(v, "shape", ()))
+        for p, v in jax.tree_util.tree_flatten_with_path(stored["params"])[0]
+    }
+    need = {_names(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    diffs = [f"{'/'.join(k)}: missing" for k in need if k not in have]
+    diffs += [f"{'/'.join(k)}: not in this model" for k in have if k not in need]
+    diffs += [
+        f"{'/'.join(k)}: stored {have[k]}, model {need[k]}" for k in need if k in have and have[k] != need[k]
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{state_dir.parent} holds the params of another model ({len(diffs)} differences, e.g. "
+            f"{'; '.join(diffs[:3])}): the model config differs from the run's. Use the run's config, or "
+            "pass another --workdir to start a new run."
+        )
+
+
 class Restored(NamedTuple):
     """What :meth:`Checkpointer.restore_latest` read: the step, the state and the saved metadata."""
 
@@ -177,51 +232,117 @@ class Checkpointer:
         """Step of the best-by-Dice checkpoint, or None."""
         return self._best.best_step()
 
+    def latest_meta(self) -> tuple[int, dict[str, Any]] | None:
+        """``(step, metadata)`` of the newest "latest" checkpoint whose metadata reads, or None."""
+        for step in sorted(self._latest.all_steps(), reverse=True):
+            try:
+                meta = self._latest.restore(
+                    step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
+                )
+            except Exception:  # a damaged step: restore_latest reports and skips it
+                continue
+            return step, dict(meta[META_ITEM] or {})
+        return None
+
     def restore_latest(self, abstract_state: PyTree, data_iter: Any | None = None) -> Restored | None:
-        """Restores the newest checkpoint onto ``abstract_state``'s shapes/dtypes/shardings.
+        """Restores the newest checkpoint that restores completely onto ``abstract_state``.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` (e.g.
         ``jax.eval_shape`` of the init, with shardings attached), so restoring onto another mesh
         works. ``data_iter``, if given, is set to the saved position in place.
+
+        A step that cannot be read (a deleted, truncated or zeroed file, a missing manifest, metadata
+        or iterator state, an empty step directory) is moved aside to ``latest/damaged-<step>`` with a
+        warning naming it and what failed, and the previous step is tried: training resumes from the
+        newest intact checkpoint instead of failing. A checkpoint of another model or optimizer
+        (shapes or structure that do not match) raises :class:`CheckpointMismatchError`.
         Returns ``(step, state, meta)``, or None when there is no checkpoint yet.
         """
-        step = self.latest_step()
-        if step is None:
-            return None
+        damaged = []
+        for step in sorted(self._latest.all_steps(), reverse=True):
+            try:
+                restored = self._restore_step(step, abstract_state, data_iter)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # any read failure: this step cannot be trusted
+                log.warning(
+                    "Checkpoint %s/%d is damaged and is skipped: %s", self._latest.directory, step, _cause(e)
+                )
+                damaged.append(step)
+                continue
+            self._set_aside(damaged)
+            return restored
+        if damaged:
+            self._set_aside(damaged)
+            raise CheckpointNotFoundError(
+                f"Every checkpoint in {self._latest.directory} is damaged (steps {damaged}, moved aside to"
+                " damaged-<step>); start a new run, or pass another --workdir."
+            )
+        return None
+
+    def _restore_step(self, step: int, abstract_state: PyTree, data_iter: Any | None) -> Restored:
         manager = self._latest
+        step_dir = manager.directory / str(step)
         items: dict[str, Any] = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            if (manager.directory / str(step) / DATA_ITER_ITEM).exists():
-                items[DATA_ITER_ITEM] = grain_checkpoint.CheckpointRestore(data_iter)
-            else:
+            iter_dir = step_dir / DATA_ITER_ITEM
+            if not iter_dir.exists():
                 log.warning(
-                    "Checkpoint %s/%d holds no data-iterator state; the data pipeline starts from its"
-                    " beginning.",
-                    manager.directory,
-                    step,
+                    "Checkpoint %s holds no data-iterator state; the data pipeline starts afresh.",
+                    step_dir,
                 )
+            else:
+                mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+                others = [p.name for p in iter_dir.iterdir() if p.name.startswith("process_")]
+                if not (iter_dir / mine).exists() and others:
+                    if all(not n.endswith(f"-of-{jax.process_count()}.json") for n in others):
+                        raise CheckpointMismatchError(
+                            f"Cannot restore the data-iterator state of {step_dir} with {jax.process_count()}"
+                            f" processes: it was saved by another process count ({sorted(others)}). Resume"
+                            " with the same number of processes."
+                        )
+                    raise FileNotFoundError(f"{iter_dir / mine} is missing")
+                items[DATA_ITER_ITEM] = grain_checkpoint.CheckpointRestore(data_iter)
         items[META_ITEM] = ocp.args.JsonRestore()
+        _check_params_fit(step_dir / STATE_ITEM, abstract_state)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:
-            if DATA_ITER_ITEM in items and "process_" in str(e):
-                raise ValueError(
-                    f"Cannot restore the data-iterator state of {manager.directory}/{step} with"
-                    f" {jax.process_count()} processes: it was saved by a different process count ({e})."
-                    " Resume with the same number of processes."
+            text = str(e)
+            # What orbax says when the stored tree is intact but of another shape or structure (a damaged
+            # file gives read errors instead, or a "pytree structure error" for a missing one).
+            mismatch = (
+                "not compatible with the stored shape",
+                "Requested shape",
+                "tree structures do not match",
+            )
+            if any(k in text for k in mismatch):
+                raise CheckpointMismatchError(
+                    f"{step_dir} holds a train state of another shape or structure than this config builds"
+                    f" ({_cause(e)}): the model or optimizer config differs from the run's. Use the run's"
+                    " config, or pass another --workdir to start a new run."
                 ) from e
             raise
         meta = dict(restored[META_ITEM] or {})
         saved_hash = meta.get("config_hash")
         if self.config_hash and saved_hash and saved_hash != self.config_hash:
-            log.warning(
-                "Restoring %s/%d saved with config hash %s, current config hash is %s.",
-                manager.directory,
-                step,
-                saved_hash,
-                self.config_hash,
+            log.info(
+                "Restoring %s saved with config hash %s (now %s).", step_dir, saved_hash, self.config_hash
             )
         return Restored(step, restored[STATE_ITEM], meta)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged step directories out of the manager's view (kept for inspection)."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                src = self._latest.directory / str(step)
+                if src.exists():
+                    src.rename(self._latest.directory / f"damaged-{step}-{stamp}")
+        multihost_sync("checkpoint-set-aside")
+        self._latest.reload()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -252,18 +373,24 @@ def _is_step_dir(path: epath.Path) -> bool:
     return path.name.isdigit() and (path / STATE_ITEM).is_dir()
 
 
-def _latest_step_dir(manager_dir: epath.Path) -> epath.Path | None:
-    steps = [int(p.name) for p in manager_dir.iterdir() if _is_step_dir(p)]
-    return manager_dir / str(max(steps)) if steps else None
+class InferenceVariables(NamedTuple):
+    """What eval / predict restore: the variables (host numpy), and which checkpoint they came from."""
+
+    params: PyTree
+    model_state: PyTree  # non-param collections (e.g. batch_stats); {} for instance-norm models
+    step: int | None  # None for converted weights
+    directory: str
 
 
-def resolve_checkpoint(path: str | os.PathLike[str], prefer: str = "best") -> tuple[epath.Path, bool]:
-    """Finds the orbax pytree directory that holds the params under ``path``.
+def checkpoint_candidates(
+    path: str | os.PathLike[str], prefer: str = "best"
+) -> list[tuple[epath.Path, bool]]:
+    """The orbax pytree directories that may hold params under ``path``, in the order to try them.
 
-    ``path`` may be a workdir (uses ``checkpoints/<prefer>``, falling back to the other), a
-    ``checkpoints/latest`` or ``checkpoints/best`` manager directory (newest step), one step
-    directory, or a ``python -m cinjax.convert`` output directory (``DIR/params``).
-    Returns ``(pytree_dir, is_state_tree)``; a state tree holds the params under ``"params"``.
+    ``path`` may be a workdir (``checkpoints/<prefer>`` newest step first, then the other manager), a
+    ``checkpoints/latest`` or ``checkpoints/best`` manager directory (newest step first), one step
+    directory, or a ``python -m cinjax.convert`` output directory (``DIR/params``). Entries are
+    ``(pytree_dir, is_state_tree)``; a state tree holds the params under ``"params"``.
     """
     if prefer not in (BEST_DIR, LATEST_DIR):
         raise ValueError(f"prefer must be 'best' or 'latest', got {prefer!r}.")
@@ -271,35 +398,54 @@ def resolve_checkpoint(path: str | os.PathLike[str], prefer: str = "best") -> tu
     if not root.exists():
         raise CheckpointNotFoundError(f"Checkpoint path {os.fspath(path)!r} does not exist.")
     if (root / CONVERTED_PARAMS).is_dir():
-        return root / CONVERTED_PARAMS, False
+        return [(root / CONVERTED_PARAMS, False)]
     if _is_step_dir(root):
-        return root / STATE_ITEM, True
-    candidates = [root]
+        return [(root / STATE_ITEM, True)]
+    managers = [root]
     if (root / CHECKPOINTS).is_dir():
-        order = (prefer, LATEST_DIR if prefer == BEST_DIR else BEST_DIR)
-        candidates = [root / CHECKPOINTS / name for name in order]
-    for manager_dir in candidates:
+        managers = [
+            root / CHECKPOINTS / name for name in (prefer, LATEST_DIR if prefer == BEST_DIR else BEST_DIR)
+        ]
+    out = []
+    for manager_dir in managers:
         if manager_dir.is_dir():
-            step_dir = _latest_step_dir(manager_dir)
-            if step_dir is not None:
-                return step_dir / STATE_ITEM, True
-    raise CheckpointNotFoundError(
-        f"No checkpoint found under {os.fspath(path)!r}. Expected a workdir with"
-        " checkpoints/{best,latest}/<step>/, a checkpoint step directory, or a"
-        " `python -m cinjax.convert` output directory containing params/."
-    )
+            steps = sorted((int(p.name) for p in manager_dir.iterdir() if _is_step_dir(p)), reverse=True)
+            out += [(manager_dir / str(step) / STATE_ITEM, True) for step in steps]
+    if not out:
+        raise CheckpointNotFoundError(
+            f"No checkpoint found under {os.fspath(path)!r}. Expected a workdir with"
+            " checkpoints/{best,latest}/<step>/, a checkpoint step directory, or a"
+            " `python -m cinjax.convert` output directory containing params/."
+        )
+    return out
 
 
-def restore_inference_variables(
-    path: str | os.PathLike[str], *, prefer: str = "best"
-) -> tuple[PyTree, PyTree]:
-    """``(params, model_state)`` of a checkpoint (see :func:`resolve_checkpoint`) as host numpy arrays,
-    independent of the topology they were saved on; the optimizer state is never read.
+def restore_inference_variables(path: str | os.PathLike[str], *, prefer: str = "best") -> InferenceVariables:
+    """The params and model state of a checkpoint (see :func:`checkpoint_candidates`) as host numpy
+    arrays, independent of the topology they were saved on; the optimizer state is never read.
 
-    ``model_state`` (e.g. BatchNorm ``batch_stats``) is the state tree's ``"model_state"`` entry,
-    ``{}`` when the checkpoint has none (instance-norm models, converted weights).
+    A damaged checkpoint is skipped with a warning naming it, and the next candidate is used; using
+    ``latest`` when ``best`` was asked for (a run without a best checkpoint yet) is logged.
     """
-    tree_dir, is_state_tree = resolve_checkpoint(path, prefer=prefer)
+    candidates = checkpoint_candidates(path, prefer)
+    for tree_dir, is_state_tree in candidates:
+        try:
+            params, model_state = _restore_variables(tree_dir, is_state_tree)
+        except CheckpointNotFoundError:
+            raise
+        except Exception as e:  # a damaged step: try the next one
+            log.warning("Checkpoint %s is damaged and is skipped: %s", tree_dir.parent, _cause(e))
+            continue
+        step = int(tree_dir.parent.name) if is_state_tree else None
+        manager = tree_dir.parent.parent.name if is_state_tree else None
+        if manager in (BEST_DIR, LATEST_DIR) and manager != prefer:
+            log.warning("No %s checkpoint in %s: using %s step %s.", prefer, path, manager, step)
+        return InferenceVariables(params, model_state, step, os.fspath(tree_dir.parent))
+    tried = [os.fspath(d.parent) for d, _ in candidates]
+    raise CheckpointNotFoundError(f"Every checkpoint under {os.fspath(path)!r} is damaged: {tried}.")
+
+
+def _restore_variables(tree_dir: epath.Path, is_state_tree: bool) -> tuple[PyTree, PyTree]:
     handler = ocp.PyTreeCheckpointHandler()
     try:
         metadata = handler.metadata(tree_dir).tree

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from typing import Any
 
 import ml_collections
 
 from cinjax.data import pipeline
 from cinjax.data.config import default_data_config
+from cinjax.data.datalist import SPLITS, check_modalities, label_code_map
+from cinjax.data.io import DataError
+from cinjax.data.preprocess import intensity_settings
 from cinjax.data.transforms import TransformConfig
 from cinjax.inference import WindowSettings
 from cinjax.optim import default_optim_config
 
 MODES = ("train", "eval", "predict")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key and the valid values."""
+
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SECTIONS = ("model", "data", "transforms", "loader", "loss", "optim", "train", "eval", "predict")
 
@@ -40,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.loader = ml_collections.ConfigDict(
         dict(
-            global_batch_size=2,
+            global_batch_size=0,  # 0: auto, the smallest multiple of the devices >= min_global_batch_size
+            min_global_batch_size=4,
             mode="interleave",  # interleave (modalities mixed in every device slice) | joint | single
             ratios=ml_collections.FieldReference(None, field_type=dict),  # e.g. {"CT": 1, "MR": 1}
             single_modality_name="CT",  # for mode=single
@@ -97,61 +109,185 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Fail fast, before any data or compile work, on settings that cannot run; the message names the
-    key and what to set instead."""
+    key and the valid values. Checks every enum, range, sign, shape and cross-section constraint that
+    does not need the data (modality coverage needs the datalists: checked when the loader is built)."""
     for section in SECTIONS:
         if section not in config:
-            raise ValueError(
+            raise ConfigError(
                 f"config has no `{section}` section; start from cinjax.config.base_config() "
                 "(as configs/demo.py and configs/mmwhs.py do)."
             )
-    if config.mode not in MODES:
-        raise ValueError(f"config.mode must be one of {MODES}, got {config.mode!r}.")
-    if config.train.dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"config.train.dtype must be one of {COMPUTE_DTYPES}, got {config.train.dtype!r}.")
-    if config.eval.dtype not in ("", *COMPUTE_DTYPES):
-        raise ValueError(f"config.eval.dtype must be '' (train.dtype) or one of {COMPUTE_DTYPES}.")
-    _validate_eval(config)
+    _one_of(config, "mode", MODES)
+    _one_of(config, "train.dtype", COMPUTE_DTYPES)
+    _one_of(config, "eval.dtype", ("", *COMPUTE_DTYPES))
+    _validate_model(config)
     _validate_data(config)
+    _validate_loader(config)
+    _validate_optim(config)
+    _validate_eval(config)
     _validate_schedule(config)
-    if config.mode == "train":
-        if config.train.num_steps < 1:
-            raise ValueError(f"config.train.num_steps must be >= 1, got {config.train.num_steps}.")
-        for k in ("log_every", "eval_every", "checkpoint_every"):
-            if config.train[k] < 0:
-                raise ValueError(f"config.train.{k} must be >= 0 (0 disables), got {config.train[k]}.")
-        if config.loader.mode not in pipeline.MODES:
-            raise ValueError(
-                f"config.loader.mode must be one of {pipeline.MODES}, got {config.loader.mode!r}."
+    _at_least(config, "train.num_steps", 1)
+    for k in ("log_every", "eval_every", "checkpoint_every"):
+        _at_least(config, f"train.{k}", 0, "0 disables")
+    _at_least(config, "train.keep_checkpoints", 1)
+    _at_least(config, "train.min_free_gb", 0)
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _one_of(config: ml_collections.ConfigDict, key: str, choices: tuple) -> None:
+    value = _get(config, key)
+    if value not in choices:
+        raise ConfigError(f"config.{key} must be one of {choices}, got {value!r}.")
+
+
+def _at_least(config: ml_collections.ConfigDict, key: str, low: float, note: str = "") -> None:
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+        extra = f" ({note})" if note else ""
+        raise ConfigError(f"config.{key} must be a number >= {low}{extra}, got {value!r}.")
+
+
+def _positive(config: ml_collections.ConfigDict, key: str) -> None:
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"config.{key} must be > 0, got {value!r}.")
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+    from cinjax.models import build_model
+
+    model_cfg = config.model.to_dict()
+    model_cfg.setdefault("num_modalities", len(config.data.modalities))
+    try:
+        build_model(model_cfg)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model: {e}") from e
+
+
+def _validate_loader(config: ml_collections.ConfigDict) -> None:
+    lc = config.loader
+    _one_of(config, "loader.mode", pipeline.MODES)
+    _at_least(config, "loader.global_batch_size", 0, "0: auto, a multiple of the devices")
+    _at_least(config, "loader.min_global_batch_size", 1)
+    _at_least(config, "loader.num_workers", 0)
+    _at_least(config, "loader.prefetch", 0)
+    if lc.global_batch_size:
+        import jax
+
+        n = jax.device_count()
+        if lc.global_batch_size % n:
+            lower, upper = (lc.global_batch_size // n) * n, -(-lc.global_batch_size // n) * n
+            choices = " or ".join(str(v) for v in (lower, upper) if v)
+            raise ConfigError(
+                f"config.loader.global_batch_size={lc.global_batch_size} is not a multiple of the {n} "
+                f"devices; use {choices}, or 0 (auto: the smallest multiple of {n} >= "
+                "loader.min_global_batch_size)."
             )
+    names = set(config.data.modalities)
+    if lc.mode == "single" and lc.single_modality_name not in names:
+        raise ConfigError(
+            f"config.loader.single_modality_name={lc.single_modality_name!r} is not one of data.modalities "
+            f"{sorted(names)}."
+        )
+    ratios = lc.get("ratios")
+    if ratios:
+        ratios = dict(ratios)
+        if set(ratios) != names or any(not (isinstance(v, (int, float)) and v > 0) for v in ratios.values()):
+            raise ConfigError(
+                f"config.loader.ratios={ratios} must give a positive number for each of {sorted(names)}."
+            )
+    try:
+        TransformConfig.from_mapping(dict(config.transforms.to_dict(), roi=tuple(config.data.roi)))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.transforms: {e}") from e
+
+
+def _validate_optim(config: ml_collections.ConfigDict) -> None:
+    from cinjax import losses
+    from cinjax.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
+
+    _one_of(config, "optim.name", OPTIMIZER_NAMES)
+    _one_of(config, "optim.schedule.name", SCHEDULE_NAMES)
+    _positive(config, "optim.lr")
+    _positive(config, "optim.eps")
+    for key in ("weight_decay", "momentum", "clip_norm", "schedule.warmup_steps", "schedule.min_lr"):
+        _at_least(config, f"optim.{key}", 0)
+    for key in ("b1", "b2"):
+        if not 0 <= config.optim[key] < 1:
+            raise ConfigError(f"config.optim.{key} must be in [0, 1), got {config.optim[key]!r}.")
+    _at_least(config, "optim.accumulate_steps", 1)
+    _at_least(config, "optim.schedule.steps_per_epoch", 1)
+    _positive(config, "optim.schedule.cycles")
+    if config.optim.schedule.name == "cosine":
+        _positive(config, "optim.schedule.t_max")
+    kwargs = {k: v for k, v in config.loss.to_dict().items() if k != "name"}
+    try:
+        losses.get_loss(config.loss.name, return_parts=True, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.loss: {e}") from e
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:
     data = config.data
-    num_modalities = len(data.modalities)
+    _one_of(config, "data.layout", ("json", "mmwhs"))
+    _one_of(config, "data.cache_fingerprint", ("stat", "content"))
+    _at_least(config, "data.num_classes", 2)
+    _at_least(config, "data.preprocess_workers", 0)
+    _positive(config, "data.affine_atol")
+    roi = tuple(data.roi)
+    if len(roi) != 3 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in roi):
+        raise ConfigError(f"config.data.roi must be 3 positive ints (D, H, W), got {roi}.")
+    spacing = tuple(data.spacing)
+    if spacing and (len(spacing) != 3 or any(not isinstance(v, (int, float)) or v <= 0 for v in spacing)):
+        raise ConfigError(
+            f"config.data.spacing must be 3 positive sizes in mm, or () to keep the grid; got {spacing}."
+        )
+    try:
+        modalities = check_modalities(data.modalities)
+        label_code_map(data.label_codes, int(data.num_classes))
+        for name in modalities:
+            intensity_settings(data, name)
+    except DataError as e:
+        raise ConfigError(str(e)) from e
+    num_modalities = len(modalities)
     if config.model.get("num_modalities", num_modalities) != num_modalities:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.num_modalities={config.model.num_modalities} but config.data.modalities has "
             f"{num_modalities} ({dict(data.modalities)}); they must agree."
         )
     if config.model.out_channels != data.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.out_channels={config.model.out_channels} != config.data.num_classes="
             f"{data.num_classes}."
         )
     if len(data.class_names) != data.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.class_names has {len(data.class_names)} names for data.num_classes="
             f"{data.num_classes} classes; name every class, background first."
         )
-    roi = tuple(data.roi)
     if config.model.name == "swin_unetr" and any(r % 32 for r in roi):
-        raise ValueError(f"Swin-UNETR needs every ROI size divisible by 32, got config.data.roi={roi}.")
+        raise ConfigError(f"Swin-UNETR needs every ROI size divisible by 32, got config.data.roi={roi}.")
 
 
 def _validate_eval(config: ml_collections.ConfigDict) -> None:
     ev = config.eval
+    _one_of(config, "eval.split", SPLITS)
+    _one_of(config, "predict.split", SPLITS)
+    _at_least(config, "eval.max_volumes", 0, "0: all")
+    _positive(config, "eval.sigma_scale")
+    if config.predict.modality_name not in config.data.modalities:
+        raise ConfigError(
+            f"config.predict.modality_name={config.predict.modality_name!r} is not one of data.modalities "
+            f"{sorted(config.data.modalities)}."
+        )
     if ev.windows_per_call < 0:
-        raise ValueError(f"config.eval.windows_per_call must be >= 0 (0: auto), got {ev.windows_per_call}.")
+        raise ConfigError(f"config.eval.windows_per_call must be >= 0 (0: auto), got {ev.windows_per_call}.")
     try:
         WindowSettings(
             roi=tuple(config.data.roi),
@@ -161,7 +297,7 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
             sigma_scale=ev.sigma_scale,
         )
     except ValueError as e:
-        raise ValueError(f"config.eval / config.data.roi: {e}") from e
+        raise ConfigError(f"config.eval / config.data.roi: {e}") from e
 
 
 def _validate_schedule(config: ml_collections.ConfigDict) -> None:
@@ -170,17 +306,38 @@ def _validate_schedule(config: ml_collections.ConfigDict) -> None:
         return
     want = {"loss": "min", "dice": "max"}.get(sched.plateau_metric)
     if want is None:
-        raise ValueError(
+        raise ConfigError(
             f"optim.schedule.plateau_metric must be 'loss' or 'dice', got {sched.plateau_metric!r}."
         )
     if sched.plateau_mode != want:
-        raise ValueError(
+        raise ConfigError(
             f"optim.schedule.plateau_metric={sched.plateau_metric!r} needs plateau_mode={want!r}."
         )
     if config.mode == "train" and not config.train.eval_every:
-        raise ValueError(
+        raise ConfigError(
             "optim.schedule.name='reduce_on_plateau' steps on validation results: set train.eval_every > 0."
         )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def config_changes(saved: dict[str, Any] | None, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """``{key: (saved value, current value)}`` for every leaf that differs (``mode`` aside) between the
+    config a checkpoint was trained with (its JSON) and ``config``. ``{}`` when nothing was saved."""
+    if not saved:
+        return {}
+    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    keys = sorted((set(old) | set(new)) - {"mode"})
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

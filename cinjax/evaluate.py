@@ -114,11 +114,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     run.save_config(config)
     build.generate_phantom(config.data)
     prepared = build.prepare_data(config.data, (config.eval.split,))
-    model, params, model_state = build.restore_for_inference(config, config.eval.checkpoint, run.root)
+    model, variables = build.restore_for_inference(config, config.eval.checkpoint, run.root)
     window = build.window_settings(config)
     mesh = build.inference_mesh(window.windows_per_call)
     results = evaluate(
-        build.WindowPredictor(model, mesh).bind(params, model_state),
+        build.WindowPredictor(model, mesh).bind(variables.params, variables.model_state),
         eval_records(config, prepared),
         dataset=prepared,
         window=window,
@@ -126,6 +126,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         distances=config.eval.distances,
         panels_dir=run.panels_dir if config.eval.panels else None,
     )
+    results = dict(results, split=config.eval.split, step=variables.step, checkpoint=variables.directory)
     run.write_results(results)
     with writers.MetricWriter(run.root) as writer:
         writer.write_scalars(0, scalars(results, prepared.union_name), stream="eval")

@@ -7,12 +7,18 @@ r"""cinjax entry point.
 ``config.mode``: ``train`` (train with periodic evaluation, then a final evaluation), ``eval`` (evaluate
 a checkpoint), ``predict`` (write NIfTI segmentations). Multi-host: set ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` or launch under SLURM / on a TPU pod (auto-detected).
+
+Exit status: 0 done; 1 an error (one line of cause for the errors cinjax diagnoses: bad config or data,
+workdir in use, damaged or mismatched checkpoint, non-finite training, disk full; ``--verbose_errors``
+adds the traceback); 75 stopped by SIGTERM / SIGINT with a committed checkpoint: rerun to resume.
 """
 
 from __future__ import annotations
 
+import errno
 import logging as py_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,7 +28,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+_VERBOSE_ERRORS = flags.DEFINE_bool(
+    "verbose_errors", False, "Show the full traceback of errors cinjax explains in one message."
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Exit status after a SIGTERM / SIGINT stop with its checkpoint committed (EX_TEMPFAIL): not finished,
+# rerun the same command to resume. Job scripts can requeue on it.
+EXIT_PREEMPTED = 75
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -73,14 +86,53 @@ def main(argv: list[str]) -> None:
     from cinjax import evaluate, predict, train
 
     config = _CONFIG.value
-    config_schema.validate(config)
-    logging.info("mode=%s workdir=%s", config.mode, _WORKDIR.value)
     modes = {
         "train": train.train_and_evaluate,
         "eval": evaluate.evaluate_checkpoint,
         "predict": predict.predict,
     }
-    modes[config.mode](config, _WORKDIR.value)
+    try:
+        config_schema.validate(config)
+        logging.info("mode=%s workdir=%s", config.mode, _WORKDIR.value)
+        result = modes[config.mode](config, _WORKDIR.value)
+    except Exception as e:
+        message = explain(e)
+        if message is None or _VERBOSE_ERRORS.value:
+            raise
+        print(
+            f"cinjax: error: {message}\n(--verbose_errors shows the traceback)", file=sys.stderr, flush=True
+        )
+        sys.exit(1)
+    if isinstance(result, dict) and "stopped_at" in result:
+        sys.exit(EXIT_PREEMPTED)
+
+
+def explain(error: BaseException) -> str | None:
+    """The message of an error cinjax diagnoses (bad config or data, workdir in use, damaged or
+    mismatched checkpoint, non-finite training, disk full), or None for an unexpected one (which
+    keeps its traceback)."""
+    from cinjax import checkpointing, config, train, workdir
+    from cinjax.data.io import DataError
+
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return (
+                "disk full while writing to the workdir or cache; the last committed checkpoint is kept. "
+                "Free disk space and rerun the same command to resume."
+            )
+    known = (
+        config.ConfigError,
+        DataError,
+        workdir.WorkdirError,
+        checkpointing.CheckpointNotFoundError,
+        checkpointing.CheckpointMismatchError,
+        train.NonFiniteLossError,
+    )
+    return str(error) if isinstance(error, known) else None
 
 
 def run() -> None:

@@ -80,7 +80,8 @@ def predict(
         run.check(int(config.train.min_free_gb * (1 << 30)))
         run.save_config(config)
         build.generate_phantom(config.data)
-        model, params, model_state = build.restore_for_inference(config, pc.checkpoint, run.root)
+        model, variables = build.restore_for_inference(config, pc.checkpoint, run.root)
+        params, model_state = variables.params, variables.model_state
     data = _folder_data(config, run) if pc.input_dir else config.data
     split = "test" if pc.input_dir else pc.split
     prepared = build.prepare_data(data, (split,))

@@ -1,8 +1,10 @@
 """Pure train / predict step functions (jitted by the caller with explicit shardings).
 
-The train step never corrupts the state: if the loss or the gradient norm is not finite, the update is
-skipped (params, optimizer state and step stay as they were) and ``metrics["finite"]`` is 0, so the
-host can stop with the last good state intact and name the step.
+The train step never corrupts the state: if the loss, the gradient norm or any entry of the updated
+params or optimizer state is not finite (a finite gradient can still give a NaN update: Adam's 0/0 with
+``eps=0``, an overflowing learning rate), the update is skipped (params, optimizer state and step stay
+as they were) and ``metrics["finite"]`` is 0, so the host can stop with the last good state intact and
+name the step; a non-finite state is never returned, so it is never saved.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ def create_train_state(
     )
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point entry of ``tree`` is finite (a scalar bool)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
 def _loss_terms(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Losses may return a scalar or ``(scalar, {name: part})``."""
     if isinstance(out, tuple):
@@ -88,10 +96,10 @@ def train_step(
         return loss, (parts, new_model_state)
 
     (loss, (parts, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
 
     def keep_if_finite(new, old):
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -9,6 +9,7 @@ preemption; then the final evaluation and, if configured, predictions.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from cinjax import build, checkpointing, distributed, evaluate, optim, predict, preemption, steps, writers
-from cinjax.config import config_hash
+from cinjax.config import config_changes, config_hash
 from cinjax.data import pipeline
 from cinjax.workdir import Workdir
 
@@ -54,22 +55,23 @@ class TrainSetup:
     plateau: optim.PlateauSchedule | None
     run_eval: Callable[[steps.TrainState, int], dict[str, Any]]
 
-    def checkpoint_meta(self) -> dict[str, Any] | None:
-        """Loop state saved with each checkpoint (restored by :func:`setup`)."""
-        return {"plateau": self.plateau.state_dict()} if self.plateau is not None else None
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What each checkpoint records besides the state: the config it was trained with (compared on
+        resume) and loop state (the plateau schedule)."""
+        meta: dict[str, Any] = {"config": json.loads(self.config.to_json_best_effort())}
+        if self.plateau is not None:
+            meta["plateau"] = self.plateau.state_dict()
+        return meta
 
     def close(self) -> None:
         self.ckpt.close()
         self.writer.close()
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainSetup:
-    """Workdir checks, data, model, optimizer, and the state: restored from the newest checkpoint of
-    the workdir, or initialised."""
+def setup(config: ml_collections.ConfigDict, run: Workdir) -> TrainSetup:
+    """Data, model, optimizer, and the state: restored from the newest intact checkpoint of the
+    workdir, or initialised. The caller has checked and locked ``run``."""
     tc = config.train
-    run = Workdir(workdir)
-    run.check(int(tc.min_free_gb * (1 << 30)))
-    run.save_config(config)
     mesh = distributed.make_mesh()
     writer = writers.MetricWriter(run.root)
 
@@ -83,22 +85,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainSetup:
     loss_fn = build.make_loss(config)
     init, abstract_state = build.make_init(config, model, tx, mesh)
     plateau = optim.PlateauSchedule.from_config(config)
-
     ckpt = checkpointing.Checkpointer(
         run.root,
         max_to_keep=tc.keep_checkpoints,
         async_save=tc.async_checkpoint,
         config_hash=config_hash(config),
     )
-    restored = ckpt.restore_latest(abstract_state, data_iter=loader)
-    if restored is None:
-        start_step, state = 0, init()
-    else:
-        start_step, state = restored.step, restored.state
-        logging.info("Resumed from step %d.", start_step)
-        writer.drop_after(start_step)
-        if plateau is not None and "plateau" in restored.meta:
-            plateau.load_state_dict(restored.meta["plateau"])
+    try:
+        start_step, state = _restore_or_init(config, run, ckpt, abstract_state, init, loader, plateau, writer)
+    except BaseException:
+        ckpt.close()  # orbax's background threads must stop before the process exits
+        writer.close()
+        raise
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
     logging.info("Model %s: %d parameters; %s.", config.model.name, num_params, loader)
 
@@ -121,7 +119,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainSetup:
             loss_fn=eval_loss,
         )
         writer.write_scalars(step, evaluate.scalars(results, prepared.union_name), stream="eval")
-        run.write_results(dict(results, step=step))
+        run.write_results(dict(results, split=config.eval.split, step=step, checkpoint="training state"))
         return results
 
     return TrainSetup(
@@ -139,6 +137,41 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> TrainSetup:
         plateau=plateau,
         run_eval=run_eval,
     )
+
+
+def _restore_or_init(config, run, ckpt, abstract_state, init, loader, plateau, writer):
+    """``(start_step, state)`` from the newest intact checkpoint, else a fresh state; the config in force
+    is recorded (with the keys that changed since the checkpoint) and replayed log lines are dropped."""
+    saved = ckpt.latest_meta()
+    changed = config_changes(saved[1].get("config"), config) if saved else {}
+    if changed:
+        logging.warning(
+            "Resuming %s with a changed config: %s",
+            run.root,
+            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+        )
+    try:
+        restored = ckpt.restore_latest(abstract_state, data_iter=loader)
+    except checkpointing.CheckpointMismatchError as e:
+        keys = f" Changed since the checkpoint: {', '.join(changed)}." if changed else ""
+        raise checkpointing.CheckpointMismatchError(f"{e}{keys}") from e
+    if restored is None:
+        start_step, state = 0, init()
+        writer.drop_after(0)  # a run killed before its first checkpoint leaves lines of a lost attempt
+    else:
+        start_step, state = restored.step, restored.state
+        logging.info("Resumed from step %d.", start_step)
+        writer.drop_after(start_step)
+        if plateau is not None and "plateau" in restored.meta:
+            plateau.load_state_dict(restored.meta["plateau"])
+        if start_step >= config.train.num_steps:
+            logging.warning(
+                "The checkpoint is at step %d >= train.num_steps=%d: nothing left to train.",
+                start_step,
+                config.train.num_steps,
+            )
+    run.record_config(config, start_step, changed)
+    return start_step, state
 
 
 # ------------------------------------------------------------------------------------ step metrics
@@ -180,11 +213,16 @@ class DeferredMetrics:
     def _handle(self, step: int, step_metrics: Any, wait_s: float) -> None:
         m = jax.device_get(step_metrics)
         if not m["finite"]:
+            latest = self._s.ckpt.latest_step()
+            kept = (
+                f"The last checkpoint (step {latest}, finite) is intact in {self._s.ckpt.directory}."
+                if latest is not None
+                else "No checkpoint was written yet."
+            )
             raise NonFiniteLossError(
-                f"Non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) at step "
-                f"{step}; the update was skipped and training stopped. The last good checkpoint "
-                f"(step {self._s.ckpt.latest_step()}) is intact in {self._s.ckpt.directory}. Lower optim.lr, "
-                "enable optim.clip_norm or use train.dtype='float32'."
+                f"Non-finite loss ({float(m['loss'])}), gradient norm ({float(m['grad_norm'])}) or update at "
+                f"step {step}; the update was skipped and training stopped. {kept} Lower optim.lr, enable "
+                "optim.clip_norm, check optim.eps > 0, or use train.dtype='float32'."
             )
         self._progress.update(step, loss=float(m["loss"]), data_wait_s=wait_s)
         tc = self._s.config.train
@@ -208,11 +246,25 @@ def _evaluate_and_select(s: TrainSetup, state: steps.TrainState, step: int) -> t
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train with periodic evaluation; then the final evaluation (and predictions if configured)."""
-    tc = config.train
-    s = setup(config, workdir)
+    """Train with periodic evaluation; then the final evaluation (and predictions if configured).
+
+    Returns the last evaluation's results, or ``{"stopped_at": step}`` after a preemption (SIGTERM /
+    SIGINT): the checkpoint of that step is committed before this returns.
+    """
+    run = Workdir(workdir)
+    run.check(int(config.train.min_free_gb * (1 << 30)))
+    with run.lock():
+        s = setup(config, run)
+        try:
+            return _loop(s)
+        finally:
+            s.close()
+
+
+def _loop(s: TrainSetup) -> dict[str, Any]:
+    config, tc = s.config, s.config.train
     progress = writers.ProgressBar(
-        tc.num_steps, initial=s.start_step, crops_per_step=config.loader.global_batch_size
+        tc.num_steps, initial=s.start_step, crops_per_step=s.loader.global_batch_size
     )
     deferred = DeferredMetrics(s, progress)
     state, step, results = s.state, s.start_step, None
@@ -231,26 +283,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     deferred.flush()
                     s.ckpt.save(step, state, data_iter=s.loader, meta=s.checkpoint_meta())
                 if stop_now:
+                    s.ckpt.wait()  # committed before the process exits
                     by = stop.signal_name or "another process"
                     progress.write(f"Stop requested ({by}): saved a checkpoint at step {step}; exiting.")
                     return {"stopped_at": step}
             deferred.flush()
-        progress.close()
-
-        if tc.final_eval:
-            state, results = _evaluate_and_select(s, state, step)
-            logging.info(
-                "Final validation mean Dice %.4f %s; best %.4f at step %s.",
-                results["mean_dice"],
-                {m: round(r["mean_dice"], 4) for m, r in results["modalities"].items()},
-                s.ckpt.best_dice or float("nan"),
-                s.ckpt.best_step(),
-            )
-        if config.predict.after_train:
-            predict.predict(
-                config, workdir, model=s.inference_model, params=state.params, model_state=state.model_state
-            )
+            # The final checkpoint is on disk before anything else can take time (or be interrupted).
+            s.ckpt.wait()
+            progress.close()
+            if tc.final_eval:
+                state, results = _evaluate_and_select(s, state, step)
+                logging.info(
+                    "Final validation mean Dice %.4f %s; best %.4f at step %s.",
+                    results["mean_dice"],
+                    {m: round(r["mean_dice"], 4) for m, r in results["modalities"].items()},
+                    s.ckpt.best_dice or float("nan"),
+                    s.ckpt.best_step(),
+                )
+            if stop.should_stop(step):
+                progress.write(f"Stop requested ({stop.signal_name}) after the final checkpoint; exiting.")
+                return {"stopped_at": step}
+            if config.predict.after_train:
+                predict.predict(
+                    config,
+                    s.run.root,
+                    model=s.inference_model,
+                    params=state.params,
+                    model_state=state.model_state,
+                )
     finally:
         progress.close()
-        s.close()
     return results or {}

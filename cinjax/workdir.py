@@ -3,6 +3,8 @@
 A training workdir::
 
     config.json          the resolved config
+    config_history.jsonl the config of every start / resume, with the step it applies from
+    .lock                the training process that owns the workdir (pid, host, start time)
     metrics.jsonl        one JSON object per logged train step / evaluation
     tb/                  TensorBoard event files
     checkpoints/latest/  resume checkpoints (state + data-iterator position)
@@ -17,11 +19,16 @@ A ``python -m cinjax.convert`` directory (converted MI-Seg weights) holds ``para
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -43,8 +50,22 @@ CONVERSION = "conversion.json"
 MODEL_CONFIG_PY = "model_config.py"
 
 
+LOCK = ".lock"
+CONFIG_HISTORY = "config_history.jsonl"
+
+
 class WorkdirError(RuntimeError):
-    """The workdir cannot be used (not writable, not enough free disk)."""
+    """The workdir cannot be used (not writable, not enough free disk, in use by another trainer)."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 class Workdir:
@@ -112,6 +133,84 @@ class Workdir:
                 " pass another --workdir, or lower config.train.min_free_gb."
             )
         return free
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Own the workdir for one training run: a second trainer on it is refused.
+
+        ``<workdir>/.lock`` holds the owner's pid, host and start time. A lock left by a process that no
+        longer runs on this host is taken over with a warning; one held by a live process, or by another
+        host (whose processes cannot be checked from here), is refused naming its owner. Only process 0
+        takes the lock. Released on exit, also on error.
+        """
+        if not is_main_process():
+            yield
+            return
+        path = self.path(LOCK)
+        mine = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": sys.argv,
+        }
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            self._take_over(path, mine)
+        else:
+            with os.fdopen(fd, "w") as f:
+                json.dump(mine, f)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                with open(path) as f:
+                    if json.load(f).get("pid") == mine["pid"]:
+                        os.remove(path)
+
+    def _take_over(self, path: str, mine: dict[str, Any]) -> None:
+        """Replace a stale lock, or raise :class:`WorkdirError` naming the live owner."""
+        try:
+            with open(path) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            owner = {}
+        pid, host = owner.get("pid"), owner.get("host")
+        if host not in (None, mine["host"]):
+            raise WorkdirError(
+                f"Workdir {self.root!r} is in use by pid {pid} on host {host} (since "
+                f"{owner.get('started')}). Wait for that run to end or pass another --workdir; if it is "
+                f"gone, delete {path}."
+            )
+        if isinstance(pid, int) and pid != mine["pid"] and _process_alive(pid):
+            raise WorkdirError(
+                f"Workdir {self.root!r} is in use by another trainer: pid {pid} on {host} (since "
+                f"{owner.get('started')}). Wait for it to end, stop it, or pass another --workdir."
+            )
+        logging.warning(
+            "Taking over the lock of %s: its owner (pid %s on %s) is not running.", self.root, pid, host
+        )
+        tmp = f"{path}.{mine['pid']}"
+        with open(tmp, "w") as f:
+            json.dump(mine, f)
+        os.replace(tmp, path)
+
+    def record_config(
+        self, config: ml_collections.ConfigDict, start_step: int, changed: Mapping[str, Any]
+    ) -> None:
+        """Write ``config.json`` (the config in force) and append it to ``config_history.jsonl``, with the
+        step it applies from and the keys that changed: the record of how every step was trained."""
+        if not is_main_process():
+            return
+        self.save_config(config)
+        entry = {
+            "start_step": int(start_step),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "changed": json_safe(dict(changed)),
+            "config": json.loads(config.to_json_best_effort()),
+        }
+        with open(self.path(CONFIG_HISTORY), "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def save_config(self, config: ml_collections.ConfigDict) -> None:
         """Write the resolved config as ``config.json``."""

@@ -33,7 +33,7 @@ def get_config():
     d.spacing = (2.5, 2.5, 2.5)
     d.roi = (32, 32, 32)
 
-    c.loader.global_batch_size = 4
+    # loader.global_batch_size=0 (default): 4 crops per step on 1, 2 or 4 devices, else a multiple of them.
     c.optim.lr = 3e-3
     c.optim.schedule.warmup_steps = 20
 

@@ -43,7 +43,7 @@ def get_config(arg: str = "c_unet"):
     c.model = presets.get(name)
     c.data.union_name = mmwhs.UNION_NAME
     c.data.preprocess_workers = 4
-    c.loader.global_batch_size = 16
+    c.loader.min_global_batch_size = 16  # auto: 16 on 1, 2, 4, 8 or 16 devices, else the next multiple
     c.loader.num_workers = 4
     c.optim.schedule.warmup_steps = 325  # MI-Seg: 50 warmup epochs of 26 volumes x 4 patches / 16 crops
 
@@ -53,7 +53,7 @@ def get_config(arg: str = "c_unet"):
     t.eval_every = 500
     t.checkpoint_every = 250
     if "accum4" in variants:
-        c.loader.global_batch_size = 4
+        c.loader.min_global_batch_size = 4
         c.optim.accumulate_steps = 4
         for k in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
             t[k] *= 4

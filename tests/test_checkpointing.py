@@ -22,7 +22,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cinjax.checkpointing import Checkpointer, CheckpointNotFoundError, restore_inference_variables
+from cinjax.checkpointing import (
+    Checkpointer,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    restore_inference_variables,
+)
 from cinjax.preemption import PreemptionFlag
 from cinjax.workdir import Workdir, WorkdirError
 
@@ -135,7 +140,7 @@ def test_latest_and_best_are_kept_separately(tmp_path, state):
         assert ckpt.save_best(6, better, dice=0.9)
         ckpt.wait()
         assert ckpt.best_step() == 6
-    params, _ = restore_inference_variables(tmp_path, prefer="best")
+    params = restore_inference_variables(tmp_path, prefer="best").params
     _assert_tree_equal(params, jax.tree.map(np.asarray, better["params"]))
     assert os.listdir(tmp_path / "checkpoints" / "best") == ["6"]
     assert sorted(os.listdir(tmp_path / "checkpoints" / "latest")) == ["3", "4"]
@@ -173,7 +178,7 @@ def test_data_iterator_missing_or_from_other_process_count(tmp_path, state, capl
     item_dir = tmp_path / "checkpoints" / "latest" / "2" / "data_iter"
     os.rename(item_dir / "process_0-of-1.json", item_dir / "process_0-of-2.json")
     with Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(ValueError, match="saved by a different process count"):
+        with pytest.raises(CheckpointMismatchError, match="saved by another process count"):
             ckpt.restore_latest(_abstract(state), data_iter=_iterator())
     shutil.rmtree(tmp_path / "checkpoints" / "latest" / "2")
     fresh = _iterator()
@@ -217,7 +222,7 @@ def test_restore_inference_variables_sources(tmp_path, state):
         (workdir / "checkpoints" / "latest", {}, latest_params),  # manager dir → newest step
         (workdir / "checkpoints" / "latest" / "1", {}, state["params"]),  # one step dir
     ]:
-        params, _ = restore_inference_variables(path, **kwargs)
+        params = restore_inference_variables(path, **kwargs).params
         assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
         _assert_tree_equal(params, jax.tree.map(np.asarray, expected))
     # A converted-weights directory: params written by orbax under DIR/params.
@@ -225,7 +230,7 @@ def test_restore_inference_variables_sources(tmp_path, state):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(converted / "params", state["params"])
     checkpointer.wait_until_finished()
-    params, model_state = restore_inference_variables(converted)
+    params, model_state = restore_inference_variables(converted)[:2]
     _assert_tree_equal(params, jax.tree.map(np.asarray, state["params"]))
     assert model_state == {}
     with pytest.raises(CheckpointNotFoundError, match="No checkpoint found"):
@@ -239,10 +244,10 @@ def test_restore_inference_variables_with_model_state(tmp_path, state):
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, dict(state, model_state={"batch_stats": batch_stats}))
         ckpt.save_best(1, {"params": state["params"]}, dice=0.5)
-    params, model_state = restore_inference_variables(tmp_path, prefer="latest")
+    params, model_state = restore_inference_variables(tmp_path, prefer="latest")[:2]
     _assert_tree_equal(params, jax.tree.map(np.asarray, state["params"]))
     _assert_tree_equal(model_state, {"batch_stats": jax.tree.map(np.asarray, batch_stats)})
-    params, model_state = restore_inference_variables(tmp_path)  # best holds params only
+    params, model_state = restore_inference_variables(tmp_path)[:2]  # best holds params only
     _assert_tree_equal(params, jax.tree.map(np.asarray, state["params"]))
     assert model_state == {}
 
@@ -438,3 +443,101 @@ def test_preemption_flag_from_signals():
     with PreemptionFlag(signals=(signal.SIGINT,)) as flag:
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.should_stop(1) and flag.signal_name == "SIGINT"
+
+
+def _damage(step_dir, kind):
+    state = step_dir / "state"
+    files = sorted((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    if kind == "delete_data":
+        files[-1].unlink()
+    elif kind == "truncate_data":
+        files[-1].write_bytes(files[-1].read_bytes()[: files[-1].stat().st_size // 2])
+    elif kind == "zero_data":
+        data = bytearray(files[-1].read_bytes())
+        data[: min(400, len(data))] = bytes(min(400, len(data)))
+        files[-1].write_bytes(bytes(data))
+    elif kind == "delete_manifest":
+        next(p for p in files if p.name == "manifest.ocdbt").unlink()
+    elif kind == "delete_metadata":
+        (state / "_METADATA").unlink()
+    elif kind == "delete_state":
+        shutil.rmtree(state)
+    elif kind == "empty_step":
+        for p in step_dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif kind == "delete_meta":
+        shutil.rmtree(step_dir / "meta")
+    elif kind == "delete_iterator":
+        (step_dir / "data_iter" / "process_0-of-1.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "delete_data",
+        "truncate_data",
+        "zero_data",
+        "delete_manifest",
+        "delete_metadata",
+        "delete_state",
+        "empty_step",
+        "delete_meta",
+        "delete_iterator",
+    ],
+)
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, state, kind, caplog):
+    it = _iterator()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        next(it)
+        ckpt.save(1, state, data_iter=it)
+        expected = [next(it) for _ in range(3)]
+        ckpt.save(2, jax.tree.map(lambda x: x, _make_state(seed=1)), data_iter=it)
+    _damage(tmp_path / "checkpoints" / "latest" / "2", kind)
+    fresh = _iterator()
+    with Checkpointer(tmp_path) as ckpt:
+        step, restored, _ = ckpt.restore_latest(_abstract(state), data_iter=fresh)
+        assert ckpt.latest_step() == 1
+    assert step == 1 and "Checkpoint" in caplog.text and "damaged" in caplog.text
+    _assert_tree_equal(restored, state)
+    assert [next(fresh) for _ in range(3)] == expected
+    latest = os.listdir(tmp_path / "checkpoints" / "latest")
+    assert "2" not in latest and any(n.startswith("damaged-2-") for n in latest)
+
+
+def test_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path, state):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)
+    other = dict(
+        state, params={"conv": {"kernel": jnp.zeros((3, 3, 3, 2, 8))}, "head": state["params"]["head"]}
+    )
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointMismatchError, match="another --workdir"):
+            ckpt.restore_latest(_abstract(other))
+    assert os.listdir(tmp_path / "checkpoints" / "latest") == ["1"]  # intact, not moved aside
+
+
+def test_eval_restore_skips_a_damaged_step_and_says_which_it_used(tmp_path, state, caplog):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+    _damage(tmp_path / "checkpoints" / "latest" / "2", "truncate_data")
+    variables = restore_inference_variables(tmp_path, prefer="best")  # no best: falls back to latest
+    assert variables.step == 1 and variables.directory.endswith("latest/1")
+    assert "No best checkpoint" in caplog.text and "damaged" in caplog.text
+
+
+def test_workdir_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
+    run = Workdir(tmp_path)
+    with run.lock():
+        owner = json.load(open(tmp_path / ".lock"))
+        assert owner["pid"] == os.getpid()
+        (tmp_path / ".lock").write_text(json.dumps(dict(owner, pid=1)))  # pid 1 is alive
+        with pytest.raises(WorkdirError, match="in use by another trainer: pid 1"):
+            with Workdir(tmp_path).lock():
+                pass
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps(dict(owner, pid=dead.pid)))
+    with Workdir(tmp_path).lock():
+        assert json.load(open(tmp_path / ".lock"))["pid"] == os.getpid()
+    assert "not running" in caplog.text and not (tmp_path / ".lock").exists()

@@ -106,12 +106,14 @@ def test_union_metric_is_named_by_the_dataset():
     assert base_config().data.union_name == "whole_foreground"
 
 
-@pytest.mark.parametrize("arg", ["c_unet", "c_unet,accum4"])
-def test_mmwhs_updates_see_16_crops(arg):
-    """One batch of 16 (default) or 4 x 4 accumulated (accum4): the same crops and number of updates."""
+@pytest.mark.parametrize("arg, crops, accumulate", [("c_unet", 16, 1), ("c_unet,accum4", 4, 4)])
+def test_mmwhs_updates_see_16_crops(arg, crops, accumulate):
+    """One batch of 16 (default) or 4 x 4 accumulated (accum4), 16,000 updates; on a device count that
+    does not divide the batch, the next multiple of the devices."""
     c = load("configs/mmwhs.py", arg)
     validate(c)
-    assert c.loader.global_batch_size * c.optim.accumulate_steps == 16
+    n = jax.device_count()
+    assert build.global_batch_size(c) == n * -(-crops // n) and c.optim.accumulate_steps == accumulate
     assert c.train.num_steps // c.optim.accumulate_steps == 16_000
 
 

@@ -239,7 +239,7 @@ def test_convert_cli_round_trip(tiny, tmp_path):
     # What eval / predict do with a converted directory.
     assert workdir.is_converted(out)
     model = build_model(workdir.read_converted_model_config(out))
-    params, model_state = checkpointing.restore_inference_variables(out)
+    params, model_state = checkpointing.restore_inference_variables(out)[:2]
     assert model_state == {}
     _, ref = load_mi_seg(str(pt), TINY_ARGS)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), ref)

@@ -325,3 +325,12 @@ def test_default_sample_fn_is_the_training_transform(records, mesh):
         np.testing.assert_array_equal(np.asarray(batch["modality"]), loader.expected_modalities(step))
         np.testing.assert_array_equal(np.asarray(batch["image"]), np.asarray(other["image"]))
         assert set(np.unique(np.asarray(batch["label"])).tolist()) <= {0, 1, 2, 3}
+
+
+def test_global_batch_of_one_alternates_modalities(records):
+    """Batch size 1 (it overflowed an index inside grain before): one crop per step, modalities in turn."""
+    one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    loader = pipeline.make_train_loader(
+        records, mesh=one, global_batch_size=1, transform_cfg=CROP, sample_fn=synthetic_sample
+    )
+    assert [int(next(loader)["modality"][0]) for _ in range(4)] == [0, 1, 0, 1]

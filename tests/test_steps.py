@@ -205,3 +205,17 @@ def test_bf16_parameter_gradients_match_fp32(model_cfg, shape):
         assert err <= 0.06 * float(jnp.linalg.norm(w)) + 5e-3 * scale, name
         checked.update(k for k in ("bias", "negative_slope") if k in name)
     assert "bias" in checked and ("negative_slope" in checked or "swin" in model_cfg["name"])
+
+
+def test_non_finite_update_from_a_finite_gradient_is_skipped(setup):
+    """An lr beyond float32 (or Adam's 0/0 with eps=0) makes the update non-finite although the loss and
+    the gradient norm are finite: nothing is applied and the step says so."""
+    step, state, batch = setup
+    cfg = _config()
+    cfg.optim.lr = 1e39
+    tx, _ = optim.make_optimizer(cfg, total_steps=10)
+    new_state, m = jax.jit(functools.partial(step.func, **dict(step.keywords, tx=tx)))(state, batch)
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"])) and int(m["finite"]) == 0
+    for new, old in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(new, old)
+    assert int(new_state.step) == int(state.step)
