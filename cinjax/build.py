@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cinjax import checkpointing, distributed, losses, optim, steps, workdir
+from cinjax import distributed, losses, optim, steps
 from cinjax.data import pipeline, preprocess
 from cinjax.data import transforms as data_transforms
 from cinjax.inference import PredictFn, WindowSettings
@@ -43,6 +43,12 @@ def make_model(config: ml_collections.ConfigDict, dtype: str | None = None) -> n
 def make_inference_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The model evaluation and prediction run: compute dtype ``eval.dtype`` (default ``train.dtype``)."""
     return make_model(config, config.eval.dtype or None)
+
+
+def model_from_spec(spec: Any, dtype: str | None = None) -> nn.Module:
+    """The Flax module of a run's :class:`cinjax.runspec.InferenceSpec`; compute dtype ``dtype``, by
+    default the run's inference dtype."""
+    return build_model(dict(spec.model, dtype=COMPUTE_DTYPES[dtype or spec.dtype]))
 
 
 def make_loss(config: ml_collections.ConfigDict) -> losses.LossFn:
@@ -182,13 +188,27 @@ def make_init(
 
 
 def auto_windows_per_call() -> int:
-    """Windows per model call when ``eval.windows_per_call=0``: 1 on CPU (a bigger batch runs slower
-    there: measured 7.0 / 6.3 / 5.3 volumes/min at 1 / 2 / 4 for a 64^3 C-UNet on 2 cores), else at
-    least 4 and a multiple of the local devices, so each call splits evenly over them."""
-    if jax.default_backend() == "cpu":
-        return 1
+    """Windows per model call when ``eval.windows_per_call=0``: one per local device on CPU (a bigger
+    batch runs slower there: measured 7.0 / 6.3 / 5.3 volumes/min at 1 / 2 / 4 for a 64^3 C-UNet on one
+    2-core device), else at least 4 and a multiple of the local devices; each call splits evenly over
+    every local device."""
     n = jax.local_device_count()
-    return n * -(-4 // n)
+    return n if jax.default_backend() == "cpu" else n * -(-4 // n)
+
+
+def check_windows_per_call(windows_per_call: int) -> int:
+    """``windows_per_call`` (0: :func:`auto_windows_per_call`), checked to split over the local devices."""
+    if not windows_per_call:
+        return auto_windows_per_call()
+    n = jax.local_device_count()
+    if windows_per_call % n:
+        from cinjax.config import ConfigError
+
+        raise ConfigError(
+            f"eval.windows_per_call={windows_per_call} does not split over this host's {n} devices: use a "
+            f"multiple of {n} (e.g. {n * -(-windows_per_call // n)}) or 0 (auto)."
+        )
+    return windows_per_call
 
 
 def window_settings(config: ml_collections.ConfigDict) -> WindowSettings:
@@ -197,7 +217,7 @@ def window_settings(config: ml_collections.ConfigDict) -> WindowSettings:
     return WindowSettings(
         roi=tuple(config.data.roi),
         overlap=ev.overlap,
-        windows_per_call=ev.windows_per_call or auto_windows_per_call(),
+        windows_per_call=check_windows_per_call(ev.windows_per_call),
         blend=ev.blend,
         sigma_scale=ev.sigma_scale,
         stitch_on_host=ev.stitch_on_host,
@@ -205,25 +225,40 @@ def window_settings(config: ml_collections.ConfigDict) -> WindowSettings:
 
 
 def inference_mesh(windows_per_call: int) -> Mesh | None:
-    """This process's devices as a mesh when each batch of windows splits evenly over them, else None
-    (one device)."""
-    devices = jax.local_devices()
-    if len(devices) == 1 or windows_per_call % len(devices):
+    """This process's devices as a mesh (None with one device); each batch of windows is split over all
+    of them (:func:`check_windows_per_call` has made it divisible)."""
+    if jax.local_device_count() == 1:
         return None
+    check_windows_per_call(windows_per_call)
     return distributed.local_mesh()
+
+
+ALL_FLIPS = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
+
+
+def tta_flips(axes: Sequence[int] | None) -> tuple[tuple[int, ...], ...]:
+    """Mirroring TTA over every subset of the spatial ``axes`` (None or empty: no TTA; (0, 1, 2): all 8
+    combinations)."""
+    if not axes:
+        return ()
+    axes = tuple(sorted({int(a) for a in axes}))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ValueError(f"TTA axes must be spatial axes 0, 1, 2 (D, H, W), got {axes}.")
+    return tuple(f for f in ALL_FLIPS if set(f) <= set(axes))
 
 
 class WindowPredictor:
     """A model's jitted ``(windows, modality) -> fp32 logits`` on this process's devices.
 
     Jitted once per run (:meth:`bind` attaches the current variables without recompiling), so each
-    periodic evaluation reuses the compiled program.
+    periodic evaluation reuses the compiled program. ``flips``: mirroring TTA inside the same program
+    (:func:`cinjax.steps.predict_logits`).
     """
 
-    def __init__(self, model: nn.Module, mesh: Mesh | None = None):
+    def __init__(self, model: nn.Module, mesh: Mesh | None = None, flips: tuple[tuple[int, ...], ...] = ()):
         self.mesh = mesh
         self._target = NamedSharding(mesh, PartitionSpec()) if mesh is not None else jax.local_devices()[0]
-        self.jitted = jax.jit(functools.partial(steps.predict_logits, model=model))  # (variables, w, m)
+        self.jitted = jax.jit(functools.partial(steps.predict_logits, model=model, flips=flips))
 
     def _local_copy(self, x: Any) -> jax.Array:
         if isinstance(x, jax.Array):  # replicated training arrays: this process's copy
@@ -234,39 +269,3 @@ class WindowPredictor:
         """The predict function with these variables copied to (or replicated over) local devices."""
         variables = jax.tree.map(self._local_copy, {"params": params, **(model_state or {})})
         return functools.partial(self.jitted, variables)
-
-
-def restore_for_inference(
-    config: ml_collections.ConfigDict, checkpoint: str, run_dir: str
-) -> tuple[nn.Module, checkpointing.InferenceVariables]:
-    """``(model, variables)`` for eval / predict (``variables`` also says which checkpoint they are).
-
-    ``checkpoint`` is ``best`` / ``latest`` (of ``run_dir``) or a path: a workdir, a checkpoint step or a
-    ``python -m cinjax.convert`` directory, whose own model config then replaces ``config.model``.
-    """
-    path = run_dir if checkpoint in ("best", "latest") else checkpoint
-    if workdir.is_converted(path):
-        config = _with_converted_model(config, path)
-    prefer = checkpoint if checkpoint in ("best", "latest") else "best"
-    variables = checkpointing.restore_inference_variables(path, prefer=prefer)
-    logging.info("Restored %s (step %s).", variables.directory, variables.step)
-    return make_inference_model(config), variables
-
-
-def _with_converted_model(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
-    """``config`` with the model of a converted MI-Seg checkpoint, checked against the data."""
-    model = workdir.read_converted_model_config(path)
-    if model.get("out_channels") != config.data.num_classes:
-        raise ValueError(
-            f"{path}: the converted model predicts {model.get('out_channels')} classes but "
-            f"config.data.num_classes={config.data.num_classes}."
-        )
-    if model.get("num_modalities", 2) != len(config.data.modalities):
-        raise ValueError(
-            f"{path}: the converted model has {model.get('num_modalities')} modalities but "
-            f"config.data.modalities={dict(config.data.modalities)}."
-        )
-    logging.info("Using the model config of the converted checkpoint %s: %s", path, model)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model = model
-    return config

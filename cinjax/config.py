@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
             overlap=0.5,
             blend="constant",  # constant (MI-Seg) | gaussian
             sigma_scale=0.125,
-            windows_per_call=0,  # 0: auto (1 on CPU, where bigger batches run slower; 4+ on accelerators)
+            windows_per_call=0,  # 0: auto (1 per device on CPU, 4+ elsewhere); else a multiple of the devices
             dtype="",  # inference compute dtype: "" (train.dtype) | float32 | bfloat16
             stitch_on_host=False,
             distances=True,  # HD95 / ASSD (mm)
@@ -100,8 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
             split="test",
             input_dir="",  # or a folder of NIfTI files, all of modality `predict.modality_name`
             modality_name="CT",
-            checkpoint="best",
+            checkpoint="best",  # best | latest (of the workdir) | another run or convert directory
             after_train=False,
+            tta=False,  # mirroring test-time augmentation over the flips of tta_axes
+            tta_axes=(0, 1, 2),  # spatial axes (D, H, W); all three: 8 flips
+            probabilities=False,  # also write float16 class probabilities (predictions/probabilities/)
+            postprocess=True,  # apply the run's largest-component decision (postprocessing.json)
         )
     )
     return c
@@ -288,6 +292,14 @@ def _validate_eval(config: ml_collections.ConfigDict) -> None:
         )
     if ev.windows_per_call < 0:
         raise ConfigError(f"config.eval.windows_per_call must be >= 0 (0: auto), got {ev.windows_per_call}.")
+    if ev.windows_per_call:
+        from cinjax.build import check_windows_per_call
+
+        check_windows_per_call(ev.windows_per_call)  # a multiple of this host's devices
+    if any(int(a) not in (0, 1, 2) for a in config.predict.tta_axes):
+        raise ConfigError(
+            f"config.predict.tta_axes must be spatial axes 0, 1, 2; got {config.predict.tta_axes}."
+        )
     try:
         WindowSettings(
             roi=tuple(config.data.roi),

@@ -111,7 +111,7 @@ def explain(error: BaseException) -> str | None:
     """The message of an error cinjax diagnoses (bad config or data, workdir in use, damaged or
     mismatched checkpoint, non-finite training, disk full), or None for an unexpected one (which
     keeps its traceback)."""
-    from cinjax import checkpointing, config, train, workdir
+    from cinjax import checkpointing, config, runspec, train, workdir
     from cinjax.data.io import DataError
 
     chain, e = [], error
@@ -131,6 +131,7 @@ def explain(error: BaseException) -> str | None:
         checkpointing.CheckpointNotFoundError,
         checkpointing.CheckpointMismatchError,
         train.NonFiniteLossError,
+        runspec.RunSpecError,
     )
     return str(error) if isinstance(error, known) else None
 

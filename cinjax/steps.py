@@ -116,7 +116,22 @@ def train_step(
 
 
 def predict_logits(
-    variables: dict[str, Any], windows: jax.Array, modality: jax.Array, *, model: nn.Module
+    variables: dict[str, Any],
+    windows: jax.Array,
+    modality: jax.Array,
+    *,
+    model: nn.Module,
+    flips: tuple[tuple[int, ...], ...] = (),
 ) -> jax.Array:
-    """Logits (fp32) of a batch of windows, each with its own modality id."""
-    return model.apply(variables, windows, modality, train=False).astype(jnp.float32)
+    """Logits (fp32) of a batch of windows, each with its own modality id.
+
+    ``flips`` (mirroring test-time augmentation): spatial axis subsets (0: D, 1: H, 2: W); the windows
+    are also run mirrored along each subset, in the same batch, and the logits mirrored back and
+    averaged (``()`` in the subsets is the unmirrored pass).
+    """
+    if not flips:
+        return model.apply(variables, windows, modality, train=False).astype(jnp.float32)
+    batch = jnp.concatenate([jnp.flip(windows, [1 + a for a in axes]) for axes in flips])
+    logits = model.apply(variables, batch, jnp.tile(modality, len(flips)), train=False).astype(jnp.float32)
+    parts = jnp.split(logits, len(flips))
+    return sum(jnp.flip(p, [1 + a for a in axes]) for p, axes in zip(parts, flips)) / len(flips)

@@ -19,7 +19,18 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from cinjax import build, checkpointing, distributed, evaluate, optim, predict, preemption, steps, writers
+from cinjax import (
+    build,
+    checkpointing,
+    distributed,
+    evaluate,
+    optim,
+    predict,
+    preemption,
+    runspec,
+    steps,
+    writers,
+)
 from cinjax.config import config_changes, config_hash
 from cinjax.data import pipeline
 from cinjax.workdir import Workdir
@@ -53,7 +64,7 @@ class TrainSetup:
     ckpt: checkpointing.Checkpointer
     writer: writers.MetricWriter
     plateau: optim.PlateauSchedule | None
-    run_eval: Callable[[steps.TrainState, int], dict[str, Any]]
+    run_eval: Callable[..., dict[str, Any]]  # (state, step, final=False) -> results
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What each checkpoint records besides the state: the config it was trained with (compared on
@@ -106,7 +117,7 @@ def setup(config: ml_collections.ConfigDict, run: Workdir) -> TrainSetup:
     predictor = build.WindowPredictor(inference_model, eval_mesh)
     eval_loss = loss_fn if config.eval.loss or (plateau is not None and plateau.needs_eval_loss) else None
 
-    def run_eval(state: steps.TrainState, step: int) -> dict[str, Any]:
+    def run_eval(state: steps.TrainState, step: int, final: bool = False) -> dict[str, Any]:
         results = evaluate.evaluate(
             predictor.bind(state.params, state.model_state),
             evaluate.eval_records(config, prepared),
@@ -117,9 +128,14 @@ def setup(config: ml_collections.ConfigDict, run: Workdir) -> TrainSetup:
             panels_dir=run.panels_dir if config.eval.panels else None,
             step=step,
             loss_fn=eval_loss,
+            postprocessing=final,
         )
         writer.write_scalars(step, evaluate.scalars(results, prepared.union_name), stream="eval")
         run.write_results(dict(results, split=config.eval.split, step=step, checkpoint="training state"))
+        if final and distributed.is_main_process():
+            decision = dict(results["postprocessing"], split=config.eval.split, step=step)
+            runspec.write_postprocessing(run.root, decision)
+            logging.info("Largest-component post-processing kept for %s.", decision["largest_component"])
         return results
 
     return TrainSetup(
@@ -171,6 +187,8 @@ def _restore_or_init(config, run, ckpt, abstract_state, init, loader, plateau, w
                 config.train.num_steps,
             )
     run.record_config(config, start_step, changed)
+    if distributed.is_main_process():
+        runspec.InferenceSpec.from_config(config).write(run.root)
     return start_step, state
 
 
@@ -236,9 +254,12 @@ class DeferredMetrics:
 # ------------------------------------------------------------------------------------------- loop
 
 
-def _evaluate_and_select(s: TrainSetup, state: steps.TrainState, step: int) -> tuple[steps.TrainState, dict]:
-    """Evaluate, keep the best checkpoint, and step the plateau schedule (which may change the lr)."""
-    results = s.run_eval(state, step)
+def _evaluate_and_select(
+    s: TrainSetup, state: steps.TrainState, step: int, final: bool = False
+) -> tuple[steps.TrainState, dict]:
+    """Evaluate, keep the best checkpoint, and step the plateau schedule (which may change the lr); the
+    final evaluation also decides the post-processing."""
+    results = s.run_eval(state, step, final)
     s.ckpt.save_best(step, {"params": state.params, "model_state": state.model_state}, results["mean_dice"])
     if s.plateau is not None:
         state = state.replace(opt_state=s.plateau.update(state.opt_state, results))
@@ -292,7 +313,7 @@ def _loop(s: TrainSetup) -> dict[str, Any]:
             s.ckpt.wait()
             progress.close()
             if tc.final_eval:
-                state, results = _evaluate_and_select(s, state, step)
+                state, results = _evaluate_and_select(s, state, step, final=True)
                 logging.info(
                     "Final validation mean Dice %.4f %s; best %.4f at step %s.",
                     results["mean_dice"],
@@ -304,13 +325,15 @@ def _loop(s: TrainSetup) -> dict[str, Any]:
                 progress.write(f"Stop requested ({stop.signal_name}) after the final checkpoint; exiting.")
                 return {"stopped_at": step}
             if config.predict.after_train:
-                predict.predict(
-                    config,
-                    s.run.root,
-                    model=s.inference_model,
-                    params=state.params,
-                    model_state=state.model_state,
+                pc = config.predict
+                predictor = predict.Predictor(
+                    runspec.read(s.run.root),
+                    [(s.inference_model, state.params, state.model_state, "training state", step)],
+                    tta_axes=tuple(pc.tta_axes) if pc.tta else None,
+                    windows_per_call=config.eval.windows_per_call,
+                    postprocess=pc.postprocess,
                 )
+                predict.predict(config, s.run.root, predictor=predictor)
     finally:
         progress.close()
     return results or {}

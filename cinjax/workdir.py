@@ -9,12 +9,15 @@ A training workdir::
     tb/                  TensorBoard event files
     checkpoints/latest/  resume checkpoints (state + data-iterator position)
     checkpoints/best/    best by validation Dice
+    inference.json       everything inference needs (cinjax.runspec): model, modalities, preprocessing
+    postprocessing.json  the largest-component decision of the final validation (cinjax.postprocess)
     eval/results.json    metrics of the last evaluation
     eval/panels/*.png    image / ground truth / prediction mid-slices per modality
-    predictions/*.nii.gz predict mode (or train with predict.after_train)
+    eval/<split>_<checkpoint>_step<N>/  one mode=eval run (results.json, config.json, panels/)
+    predictions/*.nii.gz predict mode (or train with predict.after_train); predict.json says how
 
 A ``python -m cinjax.convert`` directory (converted MI-Seg weights) holds ``params/`` (orbax),
-``config.json`` (the model config), ``model_config.py`` and ``conversion.json``.
+``config.json`` (the model config), ``model_config.py``, ``conversion.json`` and ``inference.json``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ CONVERSION = "conversion.json"
 MODEL_CONFIG_PY = "model_config.py"
 
 
+INFERENCE = "inference.json"  # what inference needs (cinjax.runspec)
+POSTPROCESSING = "postprocessing.json"  # the post-processing decision taken on validation
 LOCK = ".lock"
 CONFIG_HISTORY = "config_history.jsonl"
 
@@ -212,15 +217,22 @@ class Workdir:
         with open(self.path(CONFIG_HISTORY), "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def save_config(self, config: ml_collections.ConfigDict) -> None:
-        """Write the resolved config as ``config.json``."""
+    def eval_dir(self, tag: str) -> str:
+        """``eval/<tag>/``: the output of one ``mode=eval`` run."""
+        return self.path(EVAL, tag)
+
+    def save_config(self, config: ml_collections.ConfigDict, path: str | None = None) -> None:
+        """Write the resolved config as ``config.json`` (or ``path``)."""
         if is_main_process():
-            with open(self.config_path, "w") as f:
+            path = path or self.config_path
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
                 f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-    def write_results(self, results: Mapping[str, Any]) -> str:
-        """Write ``eval/results.json`` (strict JSON: NaN as null, inf as "inf"); returns its path."""
-        path = self.results_path
+    def write_results(self, results: Mapping[str, Any], path: str | None = None) -> str:
+        """Write ``eval/results.json`` (or ``path``; strict JSON: NaN as null, inf as "inf"); returns its
+        path."""
+        path = path or self.results_path
         if is_main_process():
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:

@@ -133,7 +133,17 @@ def test_bad_eval_settings_fail_at_start_up(key, value, match):
         validate(c)
 
 
-def test_auto_windows_per_call_is_one_on_cpu():
+def test_windows_per_call_auto_splits_over_every_device():
+    """0 (auto): one window per local device on CPU (8 fake devices here); a set value that does not
+    split over the devices is refused at start-up, not run on one device."""
     c = load("configs/demo.py")
     assert c.eval.windows_per_call == 0
-    assert build.window_settings(c).windows_per_call == (1 if jax.default_backend() == "cpu" else 4)
+    n = jax.local_device_count()
+    assert build.window_settings(c).windows_per_call == (
+        n if jax.default_backend() == "cpu" else n * -(-4 // n)
+    )
+    c.eval.windows_per_call = n + 1
+    with pytest.raises(ValueError, match=f"multiple of {n}"):
+        validate(c)
+    c.eval.windows_per_call = 2 * n
+    validate(c)

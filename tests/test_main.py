@@ -148,19 +148,32 @@ def test_demo_writes_the_workdir_contract(trained, data_args):
         assert pred.get_data_dtype() == np.uint16
 
 
+def _digests(run):
+    import hashlib
+
+    records = ("config.json", "metrics.jsonl", os.path.join("eval", "results.json"), "inference.json")
+    return {r: hashlib.sha256(open(os.path.join(run, r), "rb").read()).hexdigest() for r in records}
+
+
 def test_eval_and_predict_modes_on_a_checkpoint(trained, data_args, tmp_path):
-    before = json.load(open(trained / "eval" / "results.json"))
-    out = tmp_path / "eval"
+    """mode=eval in the training workdir and mode=predict elsewhere: the run's model and preprocessing
+    are used (not the 1 mm given now), results go to their own folders, the run's records stay as
+    they were."""
+    before = _digests(trained)
+    # A spacing given twice on the command line would be concatenated: replace the run's.
+    data_args = [a for a in data_args if not a.startswith("--config.data.spacing=")]
     _run(
-        out,
+        trained,
         data_args
-        + ["--config.mode=eval", f"--config.eval.checkpoint={trained}", "--config.eval.panels=False"],
+        + ["--config.mode=eval", "--config.eval.panels=False", "--config.data.spacing=(1.0,1.0,1.0)"],
     )
-    after = json.load(open(out / "eval" / "results.json"))
+    evals = [d for d in os.listdir(trained / "eval") if d.startswith("validation_best_step")]
+    assert len(evals) == 1
+    after = json.load(open(trained / "eval" / evals[0] / "results.json"))
     # The best checkpoint is the one whose Dice the training run reported at its best step.
     best = checkpointing.Checkpointer(trained).best_dice
     np.testing.assert_allclose(after["mean_dice"], best, atol=1e-6)
-    assert after["mean_dice"] <= max(before["mean_dice"], best) + 1e-6
+    assert after["step"] == checkpointing.Checkpointer(trained).best_step()
 
     root = [a.split("=", 1)[1] for a in data_args if a.startswith("--config.data.root=")][0]
     folder = tmp_path / "inputs"
@@ -176,10 +189,13 @@ def test_eval_and_predict_modes_on_a_checkpoint(trained, data_args, tmp_path):
             f"--config.predict.checkpoint={trained}",
             f"--config.predict.input_dir={folder}",
             "--config.predict.modality_name=MR",
+            "--config.data.spacing=(1.0,1.0,1.0)",
         ],
     )
     pred = nib.load(str(pred_dir / "predictions" / src.replace("image", "label")))
     assert pred.shape == nib.load(str(folder / src)).shape
+    assert _digests(trained) == before
+    assert not os.path.exists(pred_dir / "config.json")
 
 
 def test_bad_config_fails_before_training(data_args, tmp_path):
@@ -368,6 +384,14 @@ def test_predict_from_a_converted_mi_seg_checkpoint(data_args, tmp_path):
             str(pt),
             "--out",
             str(converted),
+            "--spacing",
+            "4",
+            "4",
+            "4",
+            "--roi",
+            "16",
+            "16",
+            "16",
             "--",
             *flags,
         ],
@@ -378,10 +402,15 @@ def test_predict_from_a_converted_mi_seg_checkpoint(data_args, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    from cinjax import runspec
+
+    spec = runspec.read(converted)
+    assert spec.spacing == (4.0, 4.0, 4.0) and spec.roi == (16, 16, 16) and spec.class_to_code()[1] == 500
 
     w = tmp_path / "predict"
     # The demo's own model fields differ (channels (4,8) but residual units etc. come from the
-    # converted config), so a successful run proves the converted config was used.
+    # converted config), so a successful run proves the converted config was used; the
+    # preprocessing comes from the conversion's flags (inference.json).
     _run(
         w,
         data_args

@@ -107,29 +107,37 @@ def resample(
     )
 
 
-def invert_to_original(pred_label: np.ndarray, meta: Mapping[str, Any]) -> np.ndarray:
-    """Undo padding, resampling (nearest) and reorientation of a cached-grid label map.
+def invert_to_original(pred: np.ndarray, meta: Mapping[str, Any], mode: str = "nearest") -> np.ndarray:
+    """Undo padding, resampling and reorientation of a map on the preprocessed grid.
 
-    ``pred_label`` has the cache entry's shape (``meta["shape"]``); the result has the source file's
-    voxel grid, so it can be written with ``meta["original"]["affine"]`` (see :func:`original_affine`).
+    ``pred`` has the preprocessed volume's shape (``meta["shape"]``), optionally with a trailing channel
+    axis (e.g. class probabilities); ``mode`` is ``"nearest"`` for label maps, ``"linear"`` for
+    continuous maps (each channel resampled on its own). The result has the source file's voxel grid,
+    so it can be written with ``meta["original"]["affine"]`` (see :func:`original_affine`).
     """
-    pred = np.asarray(pred_label)
-    if tuple(pred.shape) != tuple(meta["shape"]):
+    pred = np.asarray(pred)
+    if tuple(pred.shape[:3]) != tuple(meta["shape"]) or pred.ndim not in (3, 4):
         raise ValueError(
-            f"prediction shape {pred.shape} != cached volume shape {tuple(meta['shape'])} "
-            f"of {meta['source']['image']}."
+            f"prediction shape {pred.shape} != preprocessed volume shape {tuple(meta['shape'])} "
+            f"of {meta.get('source', {}).get('image', 'the volume')}."
         )
     pads = meta["pad"]
     res_shape = meta["resampled"]["shape"]
     pred = pred[tuple(slice(p[0], p[0] + n) for p, n in zip(pads, res_shape))]
-    pred = resample(
-        pred,
-        np.asarray(meta["resampled"]["affine"]),
-        np.asarray(meta["ras"]["affine"]),
-        meta["ras"]["shape"],
-        "nearest",
-    )
-    return from_ras(pred, np.asarray(meta["ornt"]))
+
+    def back(x: np.ndarray) -> np.ndarray:
+        x = resample(
+            x,
+            np.asarray(meta["resampled"]["affine"]),
+            np.asarray(meta["ras"]["affine"]),
+            meta["ras"]["shape"],
+            mode,
+        )
+        return from_ras(x, np.asarray(meta["ornt"]))
+
+    if pred.ndim == 3:
+        return back(pred)
+    return np.stack([back(pred[..., k]) for k in range(pred.shape[-1])], axis=-1)
 
 
 def original_affine(meta: Mapping[str, Any]) -> np.ndarray:

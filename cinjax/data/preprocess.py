@@ -236,33 +236,57 @@ def preprocess_volume(task: Task) -> tuple[np.ndarray, np.ndarray | None, dict[s
     problems, image, geom, label = _load_checked(task)
     if problems:
         raise DataError("\n".join(problems))
+    image, label, meta = preprocess_image(
+        image, geom, label=label, spacing=task.spacing, roi=task.roi, intensity=task.intensity
+    )
+    if label is not None and task.needs_foreground and not (label > 0).any():
+        raise DataError(
+            f"{e.label}: no foreground voxel is left after resampling to {task.spacing} mm; "
+            "use a finer data.spacing or drop the volume from the training list."
+        )
+    meta = {
+        "source": {"image": e.image, "label": e.label},
+        "modality_name": task.modality_name,
+        "settings": task.settings(),
+        **meta,
+    }
+    return image, label, meta
+
+
+def preprocess_image(
+    image: np.ndarray,
+    geom: Geometry,
+    *,
+    spacing: Sequence[float],
+    roi: Sequence[int],
+    intensity: Mapping[str, Any],
+    label: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Steps 2-5 on arrays in memory -> (image, label | None, grid meta).
+
+    The grid meta (``original``, ``ornt``, ``ras``, ``resampled``, ``pad``, ``affine``, ``spacing``,
+    ``shape``) is what :func:`cinjax.data.geometry.invert_to_original` needs. The cache and prediction
+    both run this, so a model sees the same input either way.
+    """
     image, ras_affine, ornt = to_ras(image, geom.affine)
     if label is not None:
         label, _, _ = to_ras(label, geom.affine)
     ras_shape = tuple(image.shape)
-    if task.spacing:
-        res_affine, res_shape = resampled_grid(ras_affine, ras_shape, task.spacing)
+    if spacing:
+        res_affine, res_shape = resampled_grid(ras_affine, ras_shape, spacing)
     else:
         res_affine, res_shape = ras_affine, ras_shape
     image = resample(image, ras_affine, res_affine, res_shape, "linear")
     if label is not None:
         label = resample(label, ras_affine, res_affine, res_shape, "nearest")
-        if task.needs_foreground and not (label > 0).any():
-            raise DataError(
-                f"{e.label}: no foreground voxel is left after resampling to {task.spacing} mm; "
-                "use a finer data.spacing or drop the volume from the training list."
-            )
-    image = scale_intensity(image, task.intensity)
-    pads = padding_to(res_shape, task.roi)
+    image = scale_intensity(image, intensity)
+    pads = padding_to(res_shape, roi)
     image = np.pad(image, pads)
     if label is not None:
         label = np.pad(label, pads)
     final_affine = res_affine.copy()
     final_affine[:3, 3] -= res_affine[:3, :3] @ np.array([p[0] for p in pads], np.float64)
     meta = {
-        "source": {"image": e.image, "label": e.label},
-        "modality_name": task.modality_name,
-        "settings": task.settings(),
         "original": geom.to_json(),
         "ornt": np.asarray(ornt).tolist(),
         "ras": {"affine": ras_affine.tolist(), "shape": list(ras_shape)},
@@ -270,6 +294,7 @@ def preprocess_volume(task: Task) -> tuple[np.ndarray, np.ndarray | None, dict[s
         "pad": [list(p) for p in pads],
         "affine": final_affine.tolist(),
         "spacing": list(Geometry(final_affine, image.shape).spacing),
+        "shape": list(image.shape),
     }
     return image, label, meta
 
