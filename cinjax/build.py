@@ -20,6 +20,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cinjax import distributed, losses, optim, steps
+from cinjax.config import loader_ratios
 from cinjax.data import pipeline, preprocess
 from cinjax.data import transforms as data_transforms
 from cinjax.inference import PredictFn, WindowSettings
@@ -145,7 +146,7 @@ def make_train_loader(
         mesh=mesh,
         seed=config.seed,
         mode=config.loader.mode,
-        ratios=config.loader.ratios.to_dict() if config.loader.get("ratios") else None,
+        ratios=loader_ratios(config),
         transform_cfg=transform_cfg,
         num_workers=config.loader.num_workers,
         prefetch=config.loader.prefetch,

@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
             global_batch_size=0,  # 0: auto, the smallest multiple of the devices >= min_global_batch_size
             min_global_batch_size=4,
             mode="interleave",  # interleave (modalities mixed in every device slice) | joint | single
-            ratios=ml_collections.FieldReference(None, field_type=dict),  # e.g. {"CT": 1, "MR": 1}
+            # {"CT": 1, "MR": 1}, or from the command line "CT=1,MR=1"
+            ratios=ml_collections.FieldReference(None, field_type=object),
             single_modality_name="CT",  # for mode=single
             num_workers=0,
             prefetch=2,
@@ -199,9 +200,8 @@ def _validate_loader(config: ml_collections.ConfigDict) -> None:
             f"config.loader.single_modality_name={lc.single_modality_name!r} is not one of data.modalities "
             f"{sorted(names)}."
         )
-    ratios = lc.get("ratios")
+    ratios = loader_ratios(config)
     if ratios:
-        ratios = dict(ratios)
         if set(ratios) != names or any(not (isinstance(v, (int, float)) and v > 0) for v in ratios.values()):
             raise ConfigError(
                 f"config.loader.ratios={ratios} must give a positive number for each of {sorted(names)}."
@@ -210,6 +210,28 @@ def _validate_loader(config: ml_collections.ConfigDict) -> None:
         TransformConfig.from_mapping(dict(config.transforms.to_dict(), roi=tuple(config.data.roi)))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.transforms: {e}") from e
+
+
+def loader_ratios(config: ml_collections.ConfigDict) -> dict[str, float] | None:
+    """``loader.ratios`` as ``{modality name: weight}``: a mapping, or the command-line form
+    ``"CT=1,MR=2"``; None when unset."""
+    ratios = config.loader.get("ratios")
+    if not ratios:
+        return None
+    if isinstance(ratios, str):
+        out = {}
+        for part in ratios.split(","):
+            name, sep, value = part.partition("=")
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ConfigError(
+                    f"config.loader.ratios={ratios!r}: write it as NAME=WEIGHT pairs, e.g. 'CT=1,MR=1'."
+                )
+        return out
+    return dict(ratios.to_dict() if hasattr(ratios, "to_dict") else ratios)
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:

@@ -442,8 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     out = os.path.abspath(args.out)
     ckpt = info["checkpoint"]
-    step = f" step {ckpt['step']}" if ckpt["step"] is not None else ""
-    print(f"Exported {info['source_run']} ({ckpt['directory']}{step}) to {out}:")
+    source = ckpt["directory"] + (f" step {ckpt['step']}" if ckpt["step"] is not None else "")
+    if source == info["source_run"]:
+        source += " (converted weights)"
+    print(f"Exported {source} to {out}:")
     files = [(a["file"], a["bytes"], f"{p} artefact") for p, a in info["artefacts"].items()]
     files += [(WEIGHTS, info["weights"]["bytes"], f"{info['weights']['parameters']:,} parameters")]
     files += [(f, os.path.getsize(os.path.join(out, f)), "") for f in (PREPROCESSING, EXPORT_JSON)]

@@ -303,6 +303,7 @@ def _loop(s: TrainSetup) -> dict[str, Any]:
                 if every(tc.checkpoint_every, step) or stop_now or step == tc.num_steps:
                     deferred.flush()
                     s.ckpt.save(step, state, data_iter=s.loader, meta=s.checkpoint_meta())
+                    s.writer.flush()  # TensorBoard and metrics.jsonl on disk as far as the checkpoint
                 if stop_now:
                     s.ckpt.wait()  # committed before the process exits
                     by = stop.signal_name or "another process"

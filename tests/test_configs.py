@@ -147,3 +147,38 @@ def test_windows_per_call_auto_splits_over_every_device():
         validate(c)
     c.eval.windows_per_call = 2 * n
     validate(c)
+
+
+def test_loader_ratios_from_the_command_line(tmp_path):
+    """`--config.loader.ratios=CT=1,MR=2` (config_flags cannot override a dict field) is read as
+    {name: weight}; a malformed value is refused naming the form."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parse.py"
+    script.write_text(
+        "import sys\n"
+        "from absl import flags\n"
+        "from ml_collections import config_flags\n"
+        "from cinjax.config import loader_ratios, validate\n"
+        "c = config_flags.DEFINE_config_file('config', None, '', lock_config=False)\n"
+        "flags.FLAGS(sys.argv)\n"
+        "validate(c.value)\n"
+        "print(loader_ratios(c.value))\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--config", os.path.join(REPO, "configs/demo.py")]
+        + ["--config.loader.ratios=CT=1,MR=2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "{'CT': 1.0, 'MR': 2.0}"
+    c = load("configs/demo.py")
+    c.loader.ratios = "CT:1"
+    with pytest.raises(ValueError, match="NAME=WEIGHT"):
+        validate(c)

@@ -75,17 +75,31 @@ def make_run(run_dir: Path, model_cfg: dict, roi: tuple[int, ...], seed: int = 0
     return spec
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def exported(request, tmp_path_factory):
-    """(name, spec, run dir, export dir, export info, restored variables, batch-size -> reference)."""
-    model_cfg, roi = MODELS[request.param]
-    root = tmp_path_factory.mktemp(request.param)
+def _export(name: str, root: Path) -> tuple:
+    """(name, spec, run dir, export dir, export info, restored variables, jitted reference)."""
+    model_cfg, roi = MODELS[name]
     spec = make_run(root / "run", model_cfg(), roi)
     info = export.export(root / "run", root / "export", platforms=("cpu", "cuda"))
     restored = checkpointing.restore_inference_variables(root / "run")
     variables = {"params": restored.params, **restored.model_state}
     reference = jax.jit(functools.partial(steps.predict_logits, model=build.model_from_spec(spec)))
-    return request.param, spec, root / "run", root / "export", info, variables, reference
+    return name, spec, root / "run", root / "export", info, variables, reference
+
+
+@pytest.fixture(scope="module")
+def c_unet(tmp_path_factory):
+    return _export("c_unet", tmp_path_factory.mktemp("c_unet"))
+
+
+@pytest.fixture(scope="module")
+def c_swin_unetr(tmp_path_factory):
+    return _export("c_swin_unetr", tmp_path_factory.mktemp("c_swin_unetr"))
+
+
+@pytest.fixture(params=list(MODELS))
+def exported(request):
+    """Each model's export (made once per module)."""
+    return request.getfixturevalue(request.param)
 
 
 def _windows(spec: runspec.InferenceSpec, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -101,15 +115,17 @@ def test_loaded_artefact_matches_predict_logits_at_two_batch_sizes(exported):
     fn = export.load(out)
     assert fn.platform == "cpu" and jax.export.is_symbolic_dim(fn.exported.in_avals[-2].shape[0])
     windows, modality = _windows(spec)
+    outputs = {}
     for n in (3, 2):  # one artefact, two batch sizes; both modality ids in each batch
-        got = fn(windows[:n], modality[:n])
+        outputs[n] = got = np.asarray(fn(windows[:n], modality[:n]))
         want = np.asarray(reference(variables, windows[:n], modality[:n]))
-        assert got.shape == (n, *spec.roi, spec.num_classes) and got.dtype == jnp.float32
-        err = float(np.max(np.abs(np.asarray(got) - want)))
+        assert got.shape == (n, *spec.roi, spec.num_classes) and got.dtype == np.float32
+        err = float(np.max(np.abs(got - want)))
+        print(name, n, "max |export - predict_logits|", err)
         assert err <= TOL, (name, n, err)
     # Non-trivial logits that depend on the modality (windows 0 and 2 are the same image).
-    assert float(np.std(want)) > 0.1
-    assert float(np.max(np.abs(np.asarray(got)[0] - reference(variables, windows, modality)[2]))) > 1e-2
+    assert float(np.std(outputs[3])) > 0.1
+    assert float(np.max(np.abs(outputs[3][0] - outputs[3][2]))) > 1e-2
 
 
 def test_export_json_preprocessing_and_weights(exported):
@@ -154,11 +170,9 @@ def test_export_json_preprocessing_and_weights(exported):
     print(name, {f: (out / f).stat().st_size for f in sorted(os.listdir(out))})
 
 
-def test_loader_imports_no_model_code(exported):
+def test_loader_imports_no_model_code(c_unet):
     """A fresh interpreter loads and runs the export with jax and numpy only: no cinjax.models, no flax."""
-    name, spec, _, out, _, variables, reference = exported
-    if name != "c_unet":
-        pytest.skip("one model is enough (and compiles fast)")
+    _, spec, _, out, _, variables, reference = c_unet
     windows, modality = _windows(spec)
     np.savez(out.parent / "inputs.npz", windows=windows, modality=modality)
     code = textwrap.dedent(
@@ -180,10 +194,8 @@ def test_loader_imports_no_model_code(exported):
     assert float(np.max(np.abs(got - np.asarray(reference(variables, windows, modality))))) <= TOL
 
 
-def test_bad_inputs_give_clear_errors(exported):
-    name, spec, _, out, info, _, _ = exported
-    if name != "c_unet":
-        pytest.skip("input checks do not depend on the model")
+def test_bad_inputs_give_clear_errors(c_unet):
+    _, spec, _, out, _, _, _ = c_unet
     fn = export.load(out)
     windows, modality = _windows(spec)
     with pytest.raises(ValueError, match=r"be \(N, 16, 16, 16, 1\).*got shape \(3, 16, 16, 8, 1\)"):
@@ -208,10 +220,8 @@ def test_cpu_lowering_is_what_auto_picks_on_cpu():
     }
 
 
-def test_a_platform_that_fails_is_recorded_and_warned(exported, tmp_path, monkeypatch):
-    name, _, run, _, _, _, _ = exported
-    if name != "c_unet":
-        pytest.skip("one model is enough")
+def test_a_platform_that_fails_is_recorded_and_warned(c_unet, tmp_path, monkeypatch):
+    run = c_unet[2]
     real = jax.export.export
 
     def fake(fn, *, platforms, **kw):
@@ -233,10 +243,8 @@ def test_a_platform_that_fails_is_recorded_and_warned(exported, tmp_path, monkey
         export.export(run, tmp_path / "none", platforms="cuda")
 
 
-def test_cli(exported, tmp_path):
-    name, _, run, _, _, _, _ = exported
-    if name != "c_unet":
-        pytest.skip("one model is enough")
+def test_cli(c_unet, tmp_path):
+    run = c_unet[2]
     cmd = [sys.executable, "-m", "cinjax.export", "--run", str(run), "--out", str(tmp_path / "cli")]
     proc = subprocess.run([*cmd, "--platforms", "cpu"], env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -227,7 +227,7 @@ def test_resume_after_sigkill_equals_uninterrupted(data_args, tmp_path):
 
     resumed = tmp_path / "resumed"
     proc = _cli(resumed, args)
-    first_ckpt = resumed / "checkpoints" / "latest" / "2"
+    first_ckpt = resumed / "checkpoints" / "latest" / "4"
     deadline = time.time() + 600
     while not first_ckpt.exists():
         assert proc.poll() is None, proc.stdout.read()[-4000:]
@@ -237,6 +237,9 @@ def test_resume_after_sigkill_equals_uninterrupted(data_args, tmp_path):
     proc.communicate()
     done = sorted(int(s) for s in os.listdir(resumed / "checkpoints" / "latest") if s.isdigit())
     assert done and max(done) < 14, f"the run finished before it was killed: {done}"
+    # TensorBoard is flushed at every checkpoint: the killed attempt's event file is not empty.
+    events = [f for f in os.listdir(resumed / "tb" / "train") if "tfevents" in f]
+    assert events and all(os.path.getsize(resumed / "tb" / "train" / f) > 0 for f in events)
 
     out = _run(resumed, args)
     assert "Resumed from step" in out
