@@ -11,8 +11,8 @@ and, in a program that has jax but need not have flax or cinjax's models::
 ``DIR`` holds
 
 * ``model.<platform>.jaxexport``: one serialized :func:`jax.export.export` of the window function per
-  platform, each traced with that platform's fast lowering (:data:`LOWERINGS`), with a symbolic batch
-  dimension ``b`` and the run's ROI and input channels fixed. It takes ``(variables, windows,
+  platform, each traced with that platform's fast lowering (:data:`LOWERINGS`, :data:`BATCHING`), with a
+  symbolic batch dimension ``b`` and the run's ROI and input channels fixed. It takes ``(variables, windows,
   modality)``: the weights are an argument, not constants baked into the program, so the artefact stays
   small and one ``weights.npz`` serves every platform.
 * ``weights.npz``: the variables (``{"params": ..., **model_state}``), one array per leaf named by its
@@ -27,8 +27,9 @@ and, in a program that has jax but need not have flax or cinjax's models::
 
 Why: serving, or running on a machine without cinjax's training stack, needs only jax and these files,
 and a deployed model cannot drift from the run it came from (the program is the traced model itself;
-:func:`load` reproduces :func:`cinjax.steps.predict_logits` on the restored variables, bit for bit in
-the tests on CPU). The loader half of this module imports only jax, numpy and the standard library;
+:func:`load` reproduces :meth:`cinjax.predict.Predictor.window_logits`, i.e.
+:func:`cinjax.steps.predict_logits` on the restored variables, bit for bit in the tests on CPU). The
+loader half of this module imports only jax, numpy and the standard library;
 everything that needs the models is imported inside :func:`export`.
 """
 
@@ -67,6 +68,8 @@ LOWERINGS: dict[str, dict[str, str]] = {
     "rocm": _ACCELERATOR,
     "tpu": _ACCELERATOR,
 }
+# How each artefact runs a batch of windows (see _window_fn): one at a time on CPU, batched elsewhere.
+BATCHING = {"cpu": "map", "cuda": "vmap", "rocm": "vmap", "tpu": "vmap"}
 
 
 class ExportError(RuntimeError):
@@ -110,18 +113,26 @@ def _flatten(variables: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
     return names, paths, arrays
 
 
-def _window_fn(model: Any) -> Any:
-    """``(variables, windows, modality) -> fp32 logits``: :func:`cinjax.steps.predict_logits`, traced
-    for one window and batched back with :func:`jax.vmap`.
+def _window_fn(model: Any, batching: str) -> Any:
+    """``(variables, windows, modality) -> fp32 logits``: :func:`cinjax.steps.predict_logits` traced for
+    one window, run over the batch by :func:`jax.lax.map` (``"map"``) or :func:`jax.vmap` (``"vmap"``).
 
     The batch is symbolic in the artefact, and the CPU lowering cannot be traced with a symbolic batch:
     blocked window attention sizes its chunks from the concrete ``B * nW`` (a ``range`` over it), which
     fails with ``'_DimExpr' object cannot be interpreted as an integer``. Traced per window, the model
-    sees ``B = 1`` (every shape concrete) and vmap batches the program back: the same convolutions on
-    ``(B*D, H, W, C)`` slices, the same per-window attention and per-sample norms (these models have no
-    op that mixes windows), so the artefact computes what the batched call does (bit-identical to it on
-    CPU in the tests) and the same code path serves every lowering. The depth2d/cpu convolutions (their
-    custom_vjp) and the attention's ``lax.scan`` trace under vmap like any other op.
+    sees ``B = 1`` (every shape concrete; the cpu/depth2d convolutions with their custom_vjp and the
+    attention's ``lax.scan`` trace as usual) and the batch is put back around it:
+
+    * CPU, ``lax.map``: one window at a time, which is what :class:`cinjax.predict.Predictor` runs on
+      CPU (one window per device per call): the artefact's logits are bit-identical to its
+      ``window_logits`` in the tests. It runs as fast as a batched call there (CPU gains nothing from
+      batching windows) and holds one window's activations whatever the batch.
+    * accelerators, ``vmap``: one batched program, as the Predictor runs there (batching is what makes a
+      GPU fast). vmap over a one-window call is the batched call: these models have no op that mixes
+      windows (per-sample norms), and on CPU it is bit-identical to the batched ``predict_logits``.
+
+    Batched and one-at-a-time logits differ by float rounding only, but a model may amplify that: the
+    tiny test Swin-UNETR (whose deepest norms see 2 voxels) turns it into 1.5e-4.
     """
     from cinjax import steps
 
@@ -129,6 +140,8 @@ def _window_fn(model: Any) -> Any:
         return steps.predict_logits(variables, window[None], modality[None], model=model)[0]
 
     def fn(variables: Any, windows: jax.Array, modality: jax.Array) -> jax.Array:
+        if batching == "map":
+            return jax.lax.map(lambda wm: one(variables, *wm), (windows, modality))
         return jax.vmap(one, in_axes=(None, 0, 0))(variables, windows, modality)
 
     return fn
@@ -217,7 +230,7 @@ def export(
     for platform in platforms:
         lowering = {k: v for k, v in LOWERINGS[platform].items() if k in fields}
         try:
-            fn = jax.jit(_window_fn(model.clone(**lowering)))
+            fn = jax.jit(_window_fn(model.clone(**lowering), BATCHING[platform]))
             exported = jax.export.export(fn, platforms=[platform])(*args)
             blob = exported.serialize()
         except Exception as e:  # a platform this jax cannot lower for (e.g. no plugin): recorded
@@ -232,7 +245,12 @@ def export(
             )
         name = artefact_name(platform)
         _write_bytes(os.path.join(out, name), bytes(blob))
-        artefacts[platform] = {"file": name, "bytes": len(blob), "lowering": lowering}
+        artefacts[platform] = {
+            "file": name,
+            "bytes": len(blob),
+            "lowering": lowering,
+            "batching": BATCHING[platform],
+        }
     if not artefacts:
         raise ExportError(
             "No platform could be exported: "
@@ -313,8 +331,9 @@ class ExportedModel:
     """The window function of an export directory: ``fn(windows, modality) -> fp32 logits``.
 
     ``windows``: (N, *roi, in_channels) preprocessed windows (cast to float32); ``modality``: (N,) integer
-    modality ids. Returns a :class:`jax.Array` (N, *roi, num_classes). Metadata: :attr:`info` (the
-    ``export.json``), :attr:`preprocessing`, :attr:`platform`, :attr:`exported`, :attr:`directory`.
+    modality ids, or one id for all. Returns a :class:`jax.Array` (N, *roi, num_classes). Metadata:
+    :attr:`info` (the ``export.json``), :attr:`preprocessing`, :attr:`platform`, :attr:`exported`,
+    :attr:`directory`.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], platform: str | None = None):
@@ -384,6 +403,8 @@ class ExportedModel:
                 f"exported ROI {self.roi} with {self.in_channels} channel(s); got shape {shape}."
             )
         ids = np.asarray(modality)
+        if ids.ndim == 0:  # one id for every window
+            ids = np.full((shape[0],), ids)
         if ids.shape != (shape[0],):
             raise ValueError(
                 f"modality must hold one id per window, shape ({shape[0]},); got shape {ids.shape}."
