@@ -184,6 +184,51 @@ def _reason(e: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
+def _lower_platforms(
+    model: Any,
+    variables: Any,
+    roi: tuple[int, ...],
+    channels: int,
+    platforms: Sequence[str],
+    num_classes: int,
+    out: str,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Export and write one artefact per platform -> (artefact records, {failed platform: reason})."""
+    (batch,) = jax.export.symbolic_shape("b")
+    args = (
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables),
+        jax.ShapeDtypeStruct((batch, *roi, channels), jnp.float32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+    )
+    fields = set(getattr(model, "__dataclass_fields__", {}))
+    artefacts: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for platform in platforms:
+        lowering = {k: v for k, v in LOWERINGS[platform].items() if k in fields}
+        try:
+            fn = jax.jit(_window_fn(model.clone(**lowering), BATCHING[platform]))
+            exported = jax.export.export(fn, platforms=[platform])(*args)
+            blob = exported.serialize()
+        except Exception as e:  # a platform this jax cannot lower for (e.g. no plugin): recorded
+            failed[platform] = _reason(e)
+            warnings.warn(f"cinjax.export: {platform} not exported: {failed[platform]}", stacklevel=3)
+            continue
+        classes = exported.out_avals[0].shape[-1]
+        if classes != num_classes:
+            raise ExportError(
+                f"The model predicts {classes} classes but its inference.json says num_classes={num_classes}."
+            )
+        name = artefact_name(platform)
+        _write_bytes(os.path.join(out, name), bytes(blob))
+        artefacts[platform] = {
+            "file": name,
+            "bytes": len(blob),
+            "lowering": lowering,
+            "batching": BATCHING[platform],
+        }
+    return artefacts, failed
+
+
 def export(
     run_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -218,39 +263,7 @@ def export(
     if os.path.exists(info_path):  # never leave an old export.json describing new files
         os.remove(info_path)
 
-    (batch,) = jax.export.symbolic_shape("b")
-    args = (
-        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables),
-        jax.ShapeDtypeStruct((batch, *roi, channels), jnp.float32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-    )
-    fields = set(getattr(model, "__dataclass_fields__", {}))
-    artefacts: dict[str, dict[str, Any]] = {}
-    failed: dict[str, str] = {}
-    for platform in platforms:
-        lowering = {k: v for k, v in LOWERINGS[platform].items() if k in fields}
-        try:
-            fn = jax.jit(_window_fn(model.clone(**lowering), BATCHING[platform]))
-            exported = jax.export.export(fn, platforms=[platform])(*args)
-            blob = exported.serialize()
-        except Exception as e:  # a platform this jax cannot lower for (e.g. no plugin): recorded
-            failed[platform] = _reason(e)
-            warnings.warn(f"cinjax.export: {platform} not exported: {failed[platform]}", stacklevel=2)
-            continue
-        classes = exported.out_avals[0].shape[-1]
-        if classes != spec.num_classes:
-            raise ExportError(
-                f"The model of {os.fspath(run_dir)!r} predicts {classes} classes but its inference.json "
-                f"says num_classes={spec.num_classes}."
-            )
-        name = artefact_name(platform)
-        _write_bytes(os.path.join(out, name), bytes(blob))
-        artefacts[platform] = {
-            "file": name,
-            "bytes": len(blob),
-            "lowering": lowering,
-            "batching": BATCHING[platform],
-        }
+    artefacts, failed = _lower_platforms(model, variables, roi, channels, platforms, spec.num_classes, out)
     if not artefacts:
         raise ExportError(
             "No platform could be exported: "

@@ -124,6 +124,8 @@ def test_mmwhs_updates_see_16_crops(arg, crops, accumulate):
         ("blend", "gausian", "blend"),
         ("overlap", 1.0, "overlap"),
         ("dtype", "float16", "eval.dtype"),
+        ("max_volumes", -1, "max_volumes"),
+        ("sigma_scale", 0.0, "sigma_scale"),
     ],
 )
 def test_bad_eval_settings_fail_at_start_up(key, value, match):
@@ -181,4 +183,54 @@ def test_loader_ratios_from_the_command_line(tmp_path):
     c = load("configs/demo.py")
     c.loader.ratios = "CT:1"
     with pytest.raises(ValueError, match="NAME=WEIGHT"):
+        validate(c)
+
+
+def test_disk_full_is_explained_in_one_line():
+    """ENOSPC anywhere in the cause chain of a failure (e.g. inside orbax's async save) is reported as
+    a full disk with what to do."""
+    import errno
+
+    from cinjax.main import explain
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("async save failed") from e
+    except RuntimeError as e:
+        message = explain(e)
+    assert message is not None and "disk full" in message and "resume" in message
+    assert explain(RuntimeError("unexpected")) is None
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("optim.lr", -0.003, "optim.lr"),
+        ("optim.eps", 0.0, "optim.eps"),
+        ("optim.accumulate_steps", 0, "optim.accumulate_steps"),
+        ("train.keep_checkpoints", 0, "train.keep_checkpoints"),
+        ("train.num_steps", 0, "train.num_steps"),
+        ("data.roi", (32, 32), "data.roi"),
+        ("data.spacing", (2.5, 2.5), "data.spacing"),
+        ("loader.mode", "interleaved", "interleave"),
+        ("train.dtype", "bf16", "train.dtype"),
+        ("model.name", "unet_vanila", "unet_vanilla"),
+        ("data.intensity.mode", "minmaxx", "minmax"),
+        ("data.label_codes", "foo", "label_codes"),
+        ("eval.split", "val", "eval.split"),
+    ],
+)
+def test_bad_values_are_refused_before_any_work_naming_the_key(key, value, match):
+    """The reliability cases B14 / B17 / B19 / B20 / B22 / E4: each bad value is a ConfigError naming it."""
+    from cinjax.config import ConfigError
+
+    c = load("configs/demo.py")
+    *section, leaf = key.split(".")
+    node = c
+    for part in section:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=match):
         validate(c)

@@ -274,6 +274,81 @@ def test_workers_match_in_process_and_restore(records, mesh):
             np.testing.assert_array_equal(x[k], y[k])
 
 
+_ORPHAN_SCRIPT = """
+import os, sys, time
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+from absl import flags
+from cinjax.data import cache, pipeline, transforms
+
+if __name__ == "__main__":  # loader workers are spawned: they re-import this file
+    flags.FLAGS.mark_as_parsed()
+    load = cache.load_record
+    records = {"CT": [load(p) for p in sys.argv[1:3]], "MR": [load(p) for p in sys.argv[3:5]]}
+    crop = transforms.TransformConfig(roi=(8, 8, 8))
+    loader = pipeline.make_train_loader(
+        records, global_batch_size=2, mesh=jax.make_mesh((1,), ("data",)), seed=0, num_workers=2,
+        transform_cfg=crop,
+    )
+    next(loader)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux /proc")
+def test_workers_die_with_a_sigkilled_trainer(records, tmp_path):
+    """Loader worker processes exit when their parent is SIGKILLed (no orphans left running)."""
+    import signal
+    import subprocess
+    import sys
+
+    paths = [r.path for r in records["CT"][:2]] + [r.path for r in records["MR"][:2]]
+    script = tmp_path / "loader.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS="")
+    proc = subprocess.Popen([sys.executable, str(script), *paths], stdout=subprocess.PIPE, text=True, env=env)
+    workers = []
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = [c for c in _children(proc.pid) if _alive(c)]
+        assert len(workers) >= 2, workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), [w for w in workers if _alive(w)]
+    finally:
+        proc.kill()
+        for w in workers:  # a failed check must not leave workers behind
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
 def test_data_wait_is_timed(records, mesh):
     loader = pipeline.make_train_loader(
         records, mesh=mesh, global_batch_size=8, transform_cfg=CROP, sample_fn=slow_sample, prefetch=0
