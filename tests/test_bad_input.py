@@ -341,6 +341,8 @@ def test_ctrl_c_during_prepare_stops_with_one_line(tmp_path):
         from absl import app
         from cinjax.data import __main__ as cli, preprocess
 
+        # A shell that started this job in the background may have set SIGINT to "ignore".
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         real, calls = preprocess._prepare_one, []
 
         def prepare_one(args):

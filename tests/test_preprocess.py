@@ -455,6 +455,8 @@ def test_changed_cache_bytes_and_entries_without_a_file_list(tmp_path):
 
 
 def test_ctrl_c_cancels_the_pool_promptly():
+    # A shell that started the tests in the background may have set SIGINT to "ignore".
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
     start = time.perf_counter()
     timer.start()
@@ -463,5 +465,6 @@ def test_ctrl_c_cancels_the_pool_promptly():
             preprocess._run(time.sleep, [20.0] * 4, 2, "sleep", False)  # 40 s of work on 2 workers
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert err.value.done == [] and time.perf_counter() - start < 15
     assert multiprocessing.active_children() == []
