@@ -1,7 +1,7 @@
 """End-to-end runs of the real CLI (`python -m cinjax.main --config configs/demo.py`) on a tiny phantom.
 
 Covers the workdir contract (train → eval → predict), eval/predict modes on a saved checkpoint,
-resume after SIGKILL == uninterrupted run, and 2 processes x 2 devices == 1 process x 4 devices.
+resume after SIGKILL == uninterrupted run, and (slow) 2 processes x 2 devices == 1 process x 4 devices.
 """
 
 import json
@@ -256,6 +256,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 1.3 min; the loader's per-process batches are checked in CI (test_pipeline_multiprocess)
 def test_two_processes_equal_one_process(data_args, tmp_path):
     args = data_args + [
         "--config.train.num_steps=3",
@@ -296,6 +297,7 @@ def test_unwritable_workdir_is_reported_before_training(data_args, tmp_path):
     assert str(blocker) in out and "preprocess" not in out
 
 
+@pytest.mark.slow  # CI: test_steps (skipped update) and test_reliability (the CLI stop)
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_args, tmp_path):
     w = tmp_path / "nan"
     proc = _cli(
@@ -321,6 +323,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow  # CI: test_reliability's SIGTERM at the final checkpoint (exit 75)
 def test_sigterm_saves_a_checkpoint_and_exits(data_args, tmp_path):
     w = tmp_path / "term"
     proc = _cli(
@@ -431,6 +434,7 @@ def test_predict_from_a_converted_mi_seg_checkpoint(data_args, tmp_path):
     )
 
 
+@pytest.mark.slow  # CI: the plateau schedule's unit tests (test_optim)
 def test_reduce_on_plateau_lowers_the_lr_after_evaluations(data_args, tmp_path):
     """patience 0 and an unreachable improvement threshold: every evaluation after the first halves the lr."""
     w = tmp_path / "plateau"
