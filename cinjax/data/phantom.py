@@ -1,4 +1,5 @@
-"""Embedded synthetic whole-heart dataset in the MM-WHS layout (CT and MR, non-registered).
+"""Embedded synthetic whole-heart dataset in the MM-WHS layout (CT, MR and optionally a third, black-blood
+MR contrast; non-registered).
 
 Each case is a random subject: a thorax (body with a fat layer, lungs, spine, ribs) around a heart made
 of the seven MM-WHS substructures (LV/RV/LA/RA blood pools, LV myocardium, ascending aorta, pulmonary
@@ -13,19 +14,24 @@ CT cases are rendered on an RAS grid of (1.6, 1.6, 2.0) mm with HU-like intensit
 right heart less opacified than the left), partial-volume blur and Gaussian noise; MR cases come from
 *different* subjects, on a (1.2, 1.2, 2.0) mm grid with a non-RAS (PLS) orientation, MR-like contrast
 (bright blood and fat, dark myocardium and lungs), a smooth multiplicative bias field and Rician noise.
+``num_mr2 > 0`` adds a third modality, ``MR2`` (id 2): a black-blood MR contrast with the blood/myocardium
+contrast of MR inverted (dark blood pools, bright myocardium), on the MR grid with MR's bias field and
+noise; it is the "new modality" of the add-a-modality experiment and makes M = 3 runs possible.
 Files are written like MM-WHS::
 
     root/ct_train/ct_train_10NN_image.nii.gz   int16 HU
     root/ct_train/ct_train_10NN_label.nii.gz   int16 MM-WHS codes (0, 205, 420, 500, 550, 600, 820, 850)
     root/mr_train/mr_train_10NN_image.nii.gz   float32
     root/mr_train/mr_train_10NN_label.nii.gz
+    root/mr2_train/...                         (num_mr2 > 0) the black-blood MR cases
     root/CT.json, root/MR.json                 MI-Seg datalists (modality 0 / 1; training/validation/test)
+    root/MR2.json                              (num_mr2 > 0) modality 2
     root/phantom_manifest.json                 generation parameters (written last)
 
 ``generate`` is idempotent: it returns at once when the manifest says the same parameters were already
 written. Everything is deterministic given ``seed``. Command line::
 
-    python -m cinjax.data.phantom --root /tmp/phantom [--seed 0] [--num_ct 10] [--num_mr 10]
+    python -m cinjax.data.phantom --root /tmp/phantom [--seed 0] [--num_ct 10] [--num_mr 10] [--num_mr2 0]
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ from cinjax.data import mmwhs
 VERSION = 2  # bump whenever the rendered data change for the same parameters
 MANIFEST = "phantom_manifest.json"
 CT, MR = mmwhs.MODALITIES["CT"], mmwhs.MODALITIES["MR"]
+MR2 = 2
+MODALITY_NAMES = {CT: "CT", MR: "MR", MR2: "MR2"}  # id -> name (the datalist's name and file prefix)
+MODALITIES = {name: m for m, name in MODALITY_NAMES.items()}
 
 # Tissue classes used for rendering intensities.
 AIR, LUNG, FAT, SOFT, BONE, MYO, BLOOD_L, BLOOD_R = range(8)
@@ -67,6 +76,7 @@ class PhantomConfig:
     seed: int = 0
     num_ct: int = 10
     num_mr: int = 10
+    num_mr2: int = 0
     num_val: int = 2
     num_test: int = 2
     ct_shape: tuple[int, int, int] = (80, 80, 64)
@@ -75,10 +85,13 @@ class PhantomConfig:
     mr_shape: tuple[int, int, int] = (96, 96, 56)
     mr_spacing: tuple[float, float, float] = (1.2, 1.2, 2.0)
     mr_axcodes: str = "PLS"
+    mr2_shape: tuple[int, int, int] = (96, 96, 56)
+    mr2_spacing: tuple[float, float, float] = (1.2, 1.2, 2.0)
+    mr2_axcodes: str = "PLS"
     wall_mm: float = 3.0
 
     def __post_init__(self):
-        for name in ("ct_axcodes", "mr_axcodes"):
+        for name in ("ct_axcodes", "mr_axcodes", "mr2_axcodes"):
             codes = getattr(self, name)
             axes = sorted(_AXIS_DIRECTIONS[c][0] for c in codes if c in _AXIS_DIRECTIONS)
             if len(codes) != 3 or axes != [0, 1, 2]:
@@ -87,12 +100,24 @@ class PhantomConfig:
                 )
         if not 0.0 <= self.wall_mm <= 6.0:
             raise ValueError(f"wall_mm={self.wall_mm}: walls between blood pools must be 0-6 mm thick.")
-        for modality, n in (("CT", self.num_ct), ("MR", self.num_mr)):
+        for modality, n in (("CT", self.num_ct), ("MR", self.num_mr), ("MR2", self.num_mr2)):
+            if modality == "MR2" and n == 0:
+                continue
             if n < self.num_val + self.num_test + 1:
                 raise ValueError(
                     f"num_{modality.lower()}={n} leaves no training case with num_val={self.num_val} and "
                     f"num_test={self.num_test}; raise num_{modality.lower()} or lower the splits."
                 )
+
+    def counts(self) -> dict[int, int]:
+        """Number of cases per modality id (MR2 only when asked for)."""
+        out = {CT: self.num_ct, MR: self.num_mr, MR2: self.num_mr2}
+        return {m: n for m, n in out.items() if n}
+
+    def grid(self, modality: int) -> tuple[tuple[int, ...], tuple[float, ...], str]:
+        """``(shape, spacing, axcodes)`` of a modality's volumes."""
+        prefix = MODALITY_NAMES[modality].lower()
+        return tuple(getattr(self, f"{prefix}_{k}") for k in ("shape", "spacing", "axcodes"))
 
 
 def axcodes_affine(
@@ -139,8 +164,12 @@ def _polyline(rng: np.random.Generator, points, radius_range) -> list[tuple[np.n
     return [(a, b, r * 0.9**i) for i, (a, b) in enumerate(zip(pts[:-1], pts[1:]))]
 
 
-def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
-    """Draw one random subject: thorax geometry, heart pose, substructures, deformation, contrasts."""
+def sample_subject(rng: np.random.Generator, black_blood: bool = False) -> dict[str, Any]:
+    """Draw one random subject: thorax geometry, heart pose, substructures, deformation, contrasts.
+
+    ``black_blood`` also draws the MR2 contrast (after everything else, so the CT and MR draws of a
+    stream are the same with or without it).
+    """
 
     def jitter(v, mm=2.0):
         return np.asarray(v, np.float64) + rng.uniform(-mm, mm, 3)
@@ -218,7 +247,20 @@ def sample_subject(rng: np.random.Generator) -> dict[str, Any]:
         "gain": rng.uniform(0.8, 1.2),
         "bias": rng.uniform(-0.25, 0.25, 9),
     }
-    return {"heart": heart, "thorax": thorax, "ct": ct, "mr": mr, "fov_jitter": rng.uniform(-4, 4, 3)}
+    subject = {"heart": heart, "thorax": thorax, "ct": ct, "mr": mr, "fov_jitter": rng.uniform(-4, 4, 3)}
+    if black_blood:
+        # Black-blood MR: flowing blood is nulled (dark), the myocardium is bright; the other tissues keep
+        # MR-like values, so the new modality differs from MR mainly inside the heart.
+        subject["mr2"] = {
+            **mr,
+            MYO: rng.uniform(520, 640),
+            BLOOD_L: rng.uniform(40, 90),
+            BLOOD_R: rng.uniform(40, 90),
+            FAT: rng.uniform(380, 460),
+            "gain": rng.uniform(0.8, 1.2),
+            "bias": rng.uniform(-0.25, 0.25, 9),
+        }
+    return subject
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +396,8 @@ def render(
     rng: np.random.Generator,
     wall_mm: float = PhantomConfig.wall_mm,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render one subject as CT (``modality`` 0) or MR (1): (image, label codes int16, affine)."""
+    """Render one subject as CT (``modality`` 0), MR (1) or black-blood MR (2, needs a subject drawn with
+    ``black_blood=True``): (image, label codes int16, affine)."""
     heart = subject["heart"]
     center = heart["center"] + np.array([4.0, -4.0, 8.0]) + subject["fov_jitter"]
     affine = axcodes_affine(shape, spacing, axcodes, center)
@@ -376,10 +419,10 @@ def render(
     near_heart = envelope <= 1.5
     tissue[near_heart] = heart_tissue[near_heart]
 
-    contrast = subject["ct" if modality == CT else "mr"]
+    contrast = subject[MODALITY_NAMES[modality].lower()]
     lut = np.array([contrast[t] for t in range(8)], np.float32)
     image = lut[tissue]
-    if modality == MR:
+    if modality != CT:
         image = image * contrast["gain"] * _smooth_bias(p - p.mean(1, keepdims=True), contrast["bias"])
     image = image.reshape(shape)
     label = code.reshape(shape)
@@ -407,7 +450,7 @@ def case_rng(seed: int, modality: int, case_id: int) -> np.random.Generator:
 
 
 def _case_paths(modality: int, case_id: int) -> tuple[str, str]:
-    prefix = ("ct" if modality == CT else "mr") + "_train"
+    prefix = MODALITY_NAMES[modality].lower() + "_train"
     stem = f"{prefix}/{prefix}_{case_id}"
     return f"{stem}_image.nii.gz", f"{stem}_label.nii.gz"
 
@@ -415,7 +458,7 @@ def _case_paths(modality: int, case_id: int) -> tuple[str, str]:
 def _datalist(cfg: PhantomConfig, modality: int, ids: list[int]) -> dict[str, Any]:
     entries = [dict(zip(("image", "label"), _case_paths(modality, i))) for i in ids]
     n_train = len(ids) - cfg.num_val - cfg.num_test
-    name = "CT" if modality == CT else "MR"
+    name = MODALITY_NAMES[modality]
     return {
         "name": "MM-WHS phantom",
         "description": f"cinjax synthetic whole-heart {name} phantom (seed {cfg.seed}); label values are "
@@ -443,7 +486,10 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _manifest_params(cfg: PhantomConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples → lists, as stored
+    params = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples → lists, as stored
+    if not cfg.num_mr2:  # a CT + MR phantom keeps the manifest it had before MR2 existed
+        params = {k: v for k, v in params.items() if not k.startswith(("num_mr2", "mr2_"))}
+    return params
 
 
 def generate(
@@ -457,23 +503,27 @@ def generate(
 ) -> dict[str, Any]:
     """Write the phantom dataset under ``root`` (skipped if already there with the same parameters).
 
-    ``overrides`` are further :class:`PhantomConfig` fields (``num_val``, ``num_test``, ``ct_shape``,
-    ``ct_spacing``, ``mr_shape``, ``mr_spacing``, ``ct_axcodes``, ``mr_axcodes``, ``wall_mm``).
-    Returns ``{"root", "datalists": {"CT": path, "MR": path}, "data_dirs", "json_lists", "cases",
-    "generated" (False when skipped), "seconds"}``; ``data_dirs``/``json_lists`` are MI-Seg's CLI pair.
+    ``overrides`` are further :class:`PhantomConfig` fields (``num_mr2``, ``num_val``, ``num_test``,
+    ``ct_shape``, ``ct_spacing``, ``mr_shape``, ``mr_spacing``, ``ct_axcodes``, ``mr_axcodes``, the
+    ``mr2_*`` grid, ``wall_mm``).
+    Returns ``{"root", "datalists": {"CT": path, "MR": path[, "MR2": path]}, "data_dirs", "json_lists",
+    "cases", "generated" (False when skipped), "seconds"}``; ``data_dirs``/``json_lists`` are MI-Seg's
+    CLI pair.
     """
     start = time.perf_counter()
     cfg = PhantomConfig(seed=seed, num_ct=num_ct, num_mr=num_mr, **overrides)
     root = os.path.abspath(root)
     params = _manifest_params(cfg)
     manifest_path = os.path.join(root, MANIFEST)
-    cases = [(m, 1001 + i) for m, n in ((CT, cfg.num_ct), (MR, cfg.num_mr)) for i in range(n)]
-    files = [f for m, i in cases for f in _case_paths(m, i)] + ["CT.json", "MR.json"]
+    counts = cfg.counts()
+    names = [MODALITY_NAMES[m] for m in counts]
+    cases = [(m, 1001 + i) for m, n in counts.items() for i in range(n)]
+    files = [f for m, i in cases for f in _case_paths(m, i)] + [f"{name}.json" for name in names]
     result = {
         "root": root,
-        "datalists": {"CT": os.path.join(root, "CT.json"), "MR": os.path.join(root, "MR.json")},
-        "data_dirs": [root, root],
-        "json_lists": ["CT.json", "MR.json"],
+        "datalists": {name: os.path.join(root, f"{name}.json") for name in names},
+        "data_dirs": [root] * len(names),
+        "json_lists": [f"{name}.json" for name in names],
         "cases": [
             {
                 "modality": m,
@@ -497,15 +547,12 @@ def generate(
             return dict(result, generated=False, seconds=time.perf_counter() - start)
         os.remove(manifest_path)  # the files below are about to change
 
-    for sub in ("ct_train", "mr_train"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for name in names:
+        os.makedirs(os.path.join(root, f"{name.lower()}_train"), exist_ok=True)
     for modality, case_id in cases:
         rng = case_rng(cfg.seed, modality, case_id)
-        subject = sample_subject(rng)
-        if modality == CT:
-            shape, spacing, axcodes = cfg.ct_shape, cfg.ct_spacing, cfg.ct_axcodes
-        else:
-            shape, spacing, axcodes = cfg.mr_shape, cfg.mr_spacing, cfg.mr_axcodes
+        subject = sample_subject(rng, black_blood=modality == MR2)
+        shape, spacing, axcodes = cfg.grid(modality)
         image, label, affine = render(subject, modality, shape, spacing, axcodes, rng, cfg.wall_mm)
         image_rel, label_rel = _case_paths(modality, case_id)
         for rel, array in ((image_rel, image), (label_rel, label)):
@@ -514,9 +561,9 @@ def generate(
             img.header.set_qform(affine, code=1)
             img.header.set_sform(affine, code=1)
             nib.save(img, os.path.join(root, rel))
-    for modality in (CT, MR):
+    for modality in counts:
         ids = [i for m, i in cases if m == modality]
-        _write_json(result["datalists"]["CT" if modality == CT else "MR"], _datalist(cfg, modality, ids))
+        _write_json(result["datalists"][MODALITY_NAMES[modality]], _datalist(cfg, modality, ids))
     if old is not None:
         for rel in set(old.get("files", [])) - set(files):
             path = os.path.join(root, rel)
@@ -532,6 +579,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_ct", type=int, default=PhantomConfig.num_ct)
     parser.add_argument("--num_mr", type=int, default=PhantomConfig.num_mr)
+    parser.add_argument("--num_mr2", type=int, default=PhantomConfig.num_mr2, help="black-blood MR cases")
     parser.add_argument("--num_val", type=int, default=PhantomConfig.num_val)
     parser.add_argument("--num_test", type=int, default=PhantomConfig.num_test)
     parser.add_argument("--force", action="store_true", help="regenerate even if the manifest matches")
@@ -541,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         num_ct=args.num_ct,
         num_mr=args.num_mr,
+        num_mr2=args.num_mr2,
         num_val=args.num_val,
         num_test=args.num_test,
         force=args.force,
@@ -548,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = "generated" if out["generated"] else "up to date"
     print(
         f"{out['root']}: {len(out['cases'])} cases {state} in {out['seconds']:.1f} s; "
-        f"datalists {out['datalists']['CT']}, {out['datalists']['MR']}"
+        f"datalists {', '.join(out['datalists'].values())}"
     )
 
 
