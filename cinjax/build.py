@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cinjax import distributed, losses, optim, steps
+from cinjax import distributed, finetune, losses, optim, steps
 from cinjax.config import loader_ratios
 from cinjax.data import pipeline, preprocess
 from cinjax.data import transforms as data_transforms
@@ -58,10 +58,28 @@ def make_loss(config: ml_collections.ConfigDict) -> losses.LossFn:
     return losses.get_loss(config.loss.name, return_parts=True, **kwargs)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optim.Schedule]:
-    """``(tx, schedule)``; schedules count optimizer updates (``num_steps / accumulate_steps``)."""
+def make_optimizer(
+    config: ml_collections.ConfigDict, model: nn.Module | None = None
+) -> tuple[optax.GradientTransformation, optim.Schedule]:
+    """``(tx, schedule)``; schedules count optimizer updates (``num_steps / accumulate_steps``). With
+    ``finetune.trainable`` other than ``all`` only the unfrozen parameters of ``model`` are updated."""
     updates = max(1, config.train.num_steps // config.optim.accumulate_steps)
-    return optim.make_optimizer(config, updates)
+    tx, schedule = optim.make_optimizer(config, updates)
+    fc = config.get("finetune")
+    if fc is not None and fc.trainable != "all":
+        if model is None:
+            raise ValueError("make_optimizer needs the model to freeze parameters (finetune.trainable).")
+        tx = finetune.masked(tx, finetune.trainable_mask(config, param_shapes(config, model)))
+    return tx, schedule
+
+
+def param_shapes(config: ml_collections.ConfigDict, model: nn.Module) -> Any:
+    """The model's params as ``ShapeDtypeStruct`` s (no compute)."""
+    sample = sample_batch(config, 1)
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), sample["image"], sample["modality"], train=False)
+    )
+    return variables["params"]
 
 
 def sample_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:

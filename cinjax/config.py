@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-SECTIONS = ("model", "data", "transforms", "loader", "loss", "optim", "train", "eval", "predict")
+SECTIONS = ("model", "data", "transforms", "loader", "loss", "optim", "train", "eval", "predict", "finetune")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -109,6 +109,15 @@ def base_config() -> ml_collections.ConfigDict:
             postprocess=True,  # apply the run's largest-component decision (postprocessing.json)
         )
     )
+    # Start from another run's weights (cinjax.finetune): fine-tuning, or a new modality's CIN rows.
+    c.finetune = ml_collections.ConfigDict(
+        dict(
+            init_from="",  # a trained run / checkpoint / convert directory ("" : random init)
+            checkpoint="best",  # best | latest of init_from
+            new_modality_init="mean",  # a new modality's CIN rows: mean of the source rows | a source name
+            trainable="all",  # all | new_modalities | new_modalities+head
+        )
+    )
     return c
 
 
@@ -131,6 +140,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_optim(config)
     _validate_eval(config)
     _validate_schedule(config)
+    from cinjax import finetune
+
+    finetune.validate(config)
     _at_least(config, "train.num_steps", 1)
     for k in ("log_every", "eval_every", "checkpoint_every"):
         _at_least(config, f"train.{k}", 0, "0 disables")

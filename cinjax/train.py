@@ -24,6 +24,7 @@ from cinjax import (
     checkpointing,
     distributed,
     evaluate,
+    finetune,
     optim,
     predict,
     preemption,
@@ -92,7 +93,7 @@ def setup(config: ml_collections.ConfigDict, run: Workdir) -> TrainSetup:
     loader = build.make_train_loader(config, prepared, mesh)
 
     model = build.make_model(config)
-    tx, schedule = build.make_optimizer(config)
+    tx, schedule = build.make_optimizer(config, model)
     loss_fn = build.make_loss(config)
     init, abstract_state = build.make_init(config, model, tx, mesh)
     plateau = optim.PlateauSchedule.from_config(config)
@@ -172,7 +173,7 @@ def _restore_or_init(config, run, ckpt, abstract_state, init, loader, plateau, w
         keys = f" Changed since the checkpoint: {', '.join(changed)}." if changed else ""
         raise checkpointing.CheckpointMismatchError(f"{e}{keys}") from e
     if restored is None:
-        start_step, state = 0, init()
+        start_step, state = 0, _initial_state(config, init)
         writer.drop_after(0)  # a run killed before its first checkpoint leaves lines of a lost attempt
     else:
         start_step, state = restored.step, restored.state
@@ -190,6 +191,32 @@ def _restore_or_init(config, run, ckpt, abstract_state, init, loader, plateau, w
     if distributed.is_main_process():
         runspec.InferenceSpec.from_config(config).write(run.root)
     return start_step, state
+
+
+def _initial_state(
+    config: ml_collections.ConfigDict, init: Callable[[], steps.TrainState]
+) -> steps.TrainState:
+    """A fresh state: random, or with the weights of ``finetune.init_from`` (cinjax.finetune)."""
+    state = init()
+    if not config.finetune.init_from:
+        return state
+    source = finetune.load_source(config, state.params)
+    params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), source.params, state.params)
+    model_state = state.model_state
+    if jax.tree.structure(source.model_state) == jax.tree.structure(model_state):
+        model_state = jax.tree.map(
+            lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
+            source.model_state,
+            model_state,
+        )
+    logging.info(
+        "Initialised from %s (step %s); new modalities %s; trainable: %s.",
+        source.directory,
+        source.step,
+        list(source.new_modalities) or "none",
+        config.finetune.trainable,
+    )
+    return state.replace(params=params, model_state=model_state)
 
 
 # ------------------------------------------------------------------------------------ step metrics
