@@ -193,8 +193,9 @@ from cinjax.data.io import DataError, Geometry, load_label, map_label_codes  # n
 LABEL_CODE_CHOICES = ("mmwhs", "identity")
 AFFINE_ATOL_MM = 1e-3  # prediction and ground truth must share a voxel grid within this (as check_pair)
 _NIFTI_EXTS = (".nii.gz", ".nii")
-_MODALITY_IDS = {v: k for k, v in mmwhs.MODALITIES.items()}  # MI-Seg datalists: 0 = CT, 1 = MR
-_PREFIX_MODALITIES = {"ct_": "CT", "mr_": "MR"}  # MM-WHS file names: ct_train_1001_label.nii.gz
+# Default modality names (MI-Seg datalists: 0 = CT, 1 = MR); a file named ``<name lower-cased>_...``
+# (MM-WHS: ct_train_1001_label.nii.gz) belongs to that modality.
+DEFAULT_MODALITIES = dict(mmwhs.MODALITIES)
 ALL_GROUP = "all"  # the modality of files whose names and datalists tell none
 
 
@@ -255,8 +256,9 @@ def _match(
     return pairs, lone_preds, lone_gts
 
 
-def _modality_name(value: Any, where: str) -> str:
-    """A datalist modality (MI-Seg id, name, or Decathlon ``{"0": "CT"}``) -> a group name."""
+def _modality_name(value: Any, where: str, modalities: Mapping[str, int] = DEFAULT_MODALITIES) -> str:
+    """A datalist modality (id, name, or Decathlon ``{"0": "CT"}``) -> a group name (ids named by
+    ``modalities``)."""
     if isinstance(value, Mapping):
         if len(value) != 1:
             raise DataError(f"{where}: modality {dict(value)} has {len(value)} channels; expected one.")
@@ -265,11 +267,15 @@ def _modality_name(value: Any, where: str) -> str:
         raise DataError(f"{where}: modality {value!r} is not an id or a name (e.g. 0, 1, 'CT', 'MR').")
     text = str(value).strip()
     if text.lstrip("-").isdigit():
-        return _MODALITY_IDS.get(int(text), f"modality_{int(text)}")
-    return text.upper() if text.upper() in mmwhs.MODALITIES else text
+        by_id = {v: k for k, v in modalities.items()}
+        return by_id.get(int(text), f"modality_{int(text)}")
+    known = {name.upper(): name for name in modalities}
+    return known.get(text.upper(), text)
 
 
-def _datalist_modalities(paths: Iterable[str]) -> dict[str, str]:
+def _datalist_modalities(
+    paths: Iterable[str], modalities: Mapping[str, int] = DEFAULT_MODALITIES
+) -> dict[str, str]:
     """``{label stem: modality}`` from MI-Seg / Decathlon datalists.
 
     Each entry names its label (basename) or its image (basename with ``image`` → ``label``, the name
@@ -309,7 +315,7 @@ def _datalist_modalities(paths: Iterable[str]) -> dict[str, str]:
                 modality = entry.get("modality", doc.get("modality"))
                 if modality is None:
                     raise DataError(f"{where}: no modality: give a top-level 'modality' or one per entry.")
-                name = _modality_name(modality, where)
+                name = _modality_name(modality, where, modalities)
                 for stem in names:
                     if stem in found and found[stem][0] != name:
                         raise DataError(
@@ -319,15 +325,19 @@ def _datalist_modalities(paths: Iterable[str]) -> dict[str, str]:
     return {stem: name for stem, (name, _) in found.items()}
 
 
-def _modality_of(names: Iterable[str], listed: Mapping[str, str]) -> str:
-    """The group of a file from its names (ground truth's, then prediction's): datalist, else name
-    prefix ``ct_`` / ``mr_``, else :data:`ALL_GROUP`."""
+def _modality_of(
+    names: Iterable[str], listed: Mapping[str, str], modalities: Mapping[str, int] = DEFAULT_MODALITIES
+) -> str:
+    """The group of a file from its names (ground truth's, then prediction's): datalist, else the
+    name prefix ``<modality>_`` (longest modality name first: ``mr2_`` before ``mr_``), else
+    :data:`ALL_GROUP`."""
     names = list(names)
     for name in names:
         if name in listed:
             return listed[name]
+    prefixes = sorted(((m.lower() + "_", m) for m in modalities), key=lambda p: -len(p[0]))
     for name in names:
-        for prefix, modality in _PREFIX_MODALITIES.items():
+        for prefix, modality in prefixes:
             if name.lower().startswith(prefix):
                 return modality
     return ALL_GROUP
@@ -442,13 +452,15 @@ def score_folder(
     class_names: Iterable[str] | None = None,
     datalists: Iterable[str] = (),
     distances: bool = True,
+    modalities: Mapping[str, int] = DEFAULT_MODALITIES,
 ) -> dict[str, Any]:
     """Score every prediction in ``pred_dir`` against the same-named ground truth in ``gt_dir``.
 
     Returns :func:`metrics.summarize`'s results.json shape (so the numbers equal training-time
     evaluation) plus ``pred_dir``, ``gt_dir`` and ``unmatched`` (``{"predictions": [...],
     "ground_truths": [...]}``: file names without a partner). Groups (``modalities``) come from
-    ``datalists``, else the ``ct_`` / ``mr_`` name prefix, else one group ``"all"``; distances are in
+    ``datalists`` (ids named by ``modalities``), else the ``<modality>_`` name prefix (``ct_`` / ``mr_``
+    by default), else one group ``"all"``; distances are in
     mm from the ground truth's affine. Problems a user can cause (a bad folder, no match, a prediction
     off the ground truth's grid, an unknown label code) raise :class:`DataError` naming the files.
     """
@@ -462,7 +474,7 @@ def score_folder(
             f"truth in {gt_dir} ({len(gts)} files, e.g. {gt_eg}); predictions are matched to ground "
             "truths by file name (without .nii / .nii.gz)."
         )
-    listed = _datalist_modalities(datalists)
+    listed = _datalist_modalities(datalists, modalities)
     codes, num_classes, foreground, union = _label_setup(
         label_codes, num_classes, class_names, [gt for _, _, gt in pairs]
     )
@@ -481,7 +493,7 @@ def score_folder(
                 num_classes=num_classes,
                 class_names=foreground,
                 key=key,
-                modality_name=_modality_of((key, pred_stems[pred_path]), listed),
+                modality_name=_modality_of((key, pred_stems[pred_path]), listed, modalities),
                 union_name=union,
                 distances=distances,
             )
@@ -625,7 +637,24 @@ def _parser() -> argparse.ArgumentParser:
         help="Foreground class names (default class_1, class_2, ...; MM-WHS names for mmwhs codes).",
     )
     p.add_argument("--no-distances", action="store_true", help="Dice only (skips HD95 / ASSD: fast).")
+    p.add_argument(
+        "--modalities",
+        type=_modality_map,
+        default=DEFAULT_MODALITIES,
+        metavar="NAME=ID,...",
+        help="Modality names and ids of the datalists and file-name prefixes (default CT=0,MR=1).",
+    )
     return p
+
+
+def _modality_map(text: str) -> dict[str, int]:
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or not value.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"expected NAME=ID,... (e.g. CT=0,MR=1,MR2=2), got {text!r}")
+        out[name.strip()] = int(value)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -643,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             class_names=args.class_names,
             datalists=args.datalist,
             distances=not args.no_distances,
+            modalities=args.modalities,
         )
         for what, names in (
             ("prediction(s) without ground truth", results["unmatched"]["predictions"]),

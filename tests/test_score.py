@@ -204,6 +204,25 @@ def test_groups_by_name_prefix_and_all(tmp_path):
     assert list(evaluate.score_folder(pred_dir, gt_dir, distances=False)["modalities"]) == ["all"]
 
 
+def test_three_modalities_group_by_prefix_and_datalist_ids(tmp_path):
+    cases = {"ct_1_label": (1, 2), "mr_1_label": (3, 4), "mr2_1_label": (5, 6), "p_label": (7, 8)}
+    pred_dir, gt_dir, _ = _folders(tmp_path, cases)
+    listed = tmp_path / "MR2.json"
+    listed.write_text(json.dumps({"modality": 2, "training": [{"image": "p_image.nii.gz"}]}))
+    modalities = {"CT": 0, "MR": 1, "MR2": 2}
+    r = evaluate.score_folder(
+        pred_dir, gt_dir, datalists=[str(listed)], distances=False, modalities=modalities
+    )
+    assert {v["key"]: v["modality_name"] for v in r["volumes"]} == {
+        "ct_1_label": "CT",
+        "mr_1_label": "MR",
+        "mr2_1_label": "MR2",  # the longest prefix wins
+        "p_label": "MR2",  # id 2 of the datalist
+    }
+    default = evaluate.score_folder(pred_dir, gt_dir, datalists=[str(listed)], distances=False)
+    assert {v["key"]: v["modality_name"] for v in default["volumes"]}["p_label"] == "modality_2"
+
+
 def test_groups_by_datalist(tmp_path):
     cases = {"p1_label": (1, 2), "p2_label": (3, 4), "p3_label": (5, 6), "p4_label": (7, 8)}
     pred_dir, gt_dir, _ = _folders(tmp_path, cases)
