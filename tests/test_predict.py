@@ -16,6 +16,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from _cli import REPO, cli_env, run_module
 
 from cinjax import build, checkpointing, postprocess, runspec
 from cinjax.data import preprocess
@@ -23,34 +24,10 @@ from cinjax.data.datalist import Entry, label_code_map
 from cinjax.data.io import load_image
 from cinjax.predict import Predictor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDS = ("config.json", "metrics.jsonl", os.path.join("eval", "results.json"), "inference.json")
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
-        "CINJAX_TEST_JAX_CACHE", os.path.expanduser("~/.cache/cinjax/jax-test-cache")
-    )
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _run(args, devices=2, timeout=600, module="cinjax.main", check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return proc
+_env, _run = cli_env, run_module
 
 
 @pytest.fixture(scope="module")
