@@ -20,6 +20,9 @@ scalar. Semantics (see docs/mi-seg-spec.md §5.1):
 
 ``include_background=False`` drops class 0 from the Dice and focal terms after the softmax (MONAI
 semantics); the cross-entropy term of ``dice_ce`` always uses every class, as MONAI's DiceCELoss does.
+
+:func:`patch_info_nce` is not a segmentation loss: it compares two feature maps (an image and its
+restyled copy, see :mod:`cinjax.data.style`) patch by patch, for single-source generalization.
 """
 
 from __future__ import annotations
@@ -230,3 +233,64 @@ def get_loss(name: str, *, return_parts: bool = False, **kwargs) -> Callable[[Ar
 
         return with_parts
     raise ValueError(f"Unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}.")
+
+
+def sample_patch_indices(key: Array, batch: int, num_locations: int, num_patches: int) -> Array:
+    """``(batch, num_patches)`` int32 flat locations in ``[0, num_locations)``, distinct within a row.
+
+    Uniform sampling without replacement per sample: the ``num_patches`` largest of i.i.d. uniforms
+    (``lax.top_k``), which is jit-able, needs no host sync and shards along the batch axis.
+    """
+    if not 1 <= num_patches <= num_locations:
+        raise ValueError(
+            f"num_patches={num_patches} must be in [1, {num_locations}] (the feature map's locations)."
+        )
+    scores = jax.random.uniform(key, (batch, num_locations))
+    return jax.lax.top_k(scores, num_patches)[1].astype(jnp.int32)
+
+
+def patch_info_nce(
+    feat_a: Array,
+    feat_b: Array,
+    key: Array | None = None,
+    *,
+    indices: Array | None = None,
+    num_patches: int = 256,
+    temperature: float = 0.07,
+    eps: float = 1e-12,
+) -> Array:
+    """Symmetric patch-wise InfoNCE between the feature maps of an image and its restyled copy.
+
+    ``feat_a``, ``feat_b``: channels-last ``(B, *spatial, C)`` features (any float dtype; computed in
+    float32). Per sample, the same P locations are taken from both maps: drawn with ``key`` (P =
+    ``num_patches``, see :func:`sample_patch_indices`) or given as flat ``indices`` ``(B, P)`` into the
+    spatial grid (row-major; not range-checked under ``jit``). Features are L2-normalised (norm floored
+    at ``eps``, as torch ``F.normalize``), ``logits[i, j] = <a_i, b_j> / temperature`` over the P
+    patches of the sample, and the loss is the cross entropy with the same patch as the positive, a→b
+    (rows) and b→a (columns) averaged, mean over patches and samples. Returns a float32 scalar; it pulls
+    the same patch of both copies together and pushes the sample's other patches apart.
+    """
+    if feat_a.shape != feat_b.shape:
+        raise ValueError(f"feat_a shape {feat_a.shape} != feat_b shape {feat_b.shape}.")
+    if feat_a.ndim < 3:
+        raise ValueError(f"features must be channels-last (B, ..., C), got shape {feat_a.shape}.")
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0.")
+    if (key is None) == (indices is None):
+        raise ValueError("pass exactly one of key (to sample the patches) and indices (B, P).")
+    batch, channels = feat_a.shape[0], feat_a.shape[-1]
+    a = feat_a.astype(jnp.float32).reshape(batch, -1, channels)
+    b = feat_b.astype(jnp.float32).reshape(batch, -1, channels)
+    if indices is None:
+        indices = sample_patch_indices(key, batch, a.shape[1], num_patches)
+    elif indices.ndim != 2 or indices.shape[0] != batch:
+        raise ValueError(f"indices must have shape (B={batch}, P), got {indices.shape}.")
+    idx = indices.astype(jnp.int32)[..., None]
+    a = jnp.take_along_axis(a, idx, axis=1)
+    b = jnp.take_along_axis(b, idx, axis=1)
+    a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=-1, keepdims=True), eps * eps))
+    b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, axis=-1, keepdims=True), eps * eps))
+    logits = jnp.einsum("bpc,bqc->bpq", a, b, precision=jax.lax.Precision.HIGHEST) / temperature
+    diag_ab = jnp.diagonal(jax.nn.log_softmax(logits, axis=-1), axis1=1, axis2=2)
+    diag_ba = jnp.diagonal(jax.nn.log_softmax(logits, axis=-2), axis1=1, axis2=2)
+    return -0.5 * (jnp.mean(diag_ab) + jnp.mean(diag_ba))
