@@ -68,7 +68,7 @@ def _copy(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("devices", [1, 3, 8])
+@pytest.mark.parametrize("devices", [1, pytest.param(3, marks=pytest.mark.slow), 8])
 def test_demo_trains_on_any_device_count(data_args, tmp_path, devices):
     w = tmp_path / f"d{devices}"
     out = _run(
