@@ -8,7 +8,8 @@ scored once by the final evaluation: no checkpoint is selected on them). The mod
 else is ``configs/demo.py``'s; every cell has the same budget (steps, crops per step, schedule).
 
 * MODEL: ``c_unet`` (the demo's C-UNet), ``unet`` (same, plain instance norms), ``c_swin`` /
-  ``swin`` (C-Swin-UNETR / Swin-UNETR, feature size 12, 3 heads).
+  ``swin`` (C-Swin-UNETR / Swin-UNETR, feature size 12, 3 heads, 32 x 32 x 64 crops: Swin-UNETR needs
+  64 voxels on one axis).
 * VARIANT: none (interleaved CT + MR in every batch), ``joint`` (one modality per batch, alternating),
   ``ct`` / ``mr`` (that modality only).
 """
@@ -45,6 +46,9 @@ def get_config(arg: str = "c_unet"):
         swin = (presets.c_swin_unetr if model == "c_swin" else presets.swin_unetr)(12, 3)
         del swin["num_modalities"]  # from data.modalities
         c.model = swin
+        # Swin-UNETR halves the grid five times and its norms need more than one voxel at the bottom:
+        # 64 voxels on one axis (the UNets keep the demo's 32^3 crops).
+        c.data.roi = (32, 32, 64)
 
     d = c.data
     d.root = os.path.expanduser("~/.cache/cinjax/phantom-ablation")

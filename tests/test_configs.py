@@ -234,3 +234,37 @@ def test_bad_values_are_refused_before_any_work_naming_the_key(key, value, match
     node[leaf] = value
     with pytest.raises(ConfigError, match=match):
         validate(c)
+
+
+@pytest.mark.parametrize("arg", ["", "mr2", "add_mr2"])
+def test_demo_variants_validate(arg):
+    c = load("configs/demo.py", arg)
+    if arg == "add_mr2":  # freezing needs the trained run
+        with pytest.raises(ValueError, match="needs finetune.init_from"):
+            validate(c)
+        c.finetune.trainable = "all"
+    validate(c)
+    assert len(c.data.modalities) == (3 if arg else 2) == len(c.data.json_lists)
+
+
+@pytest.mark.parametrize("arg", ["c_unet", "unet,ct", "c_swin", "swin,joint", "unet,mr"])
+def test_ablation_configs_validate(arg):
+    validate(load("configs/ablation.py", arg))
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("style.interventions", ("gin", "warp"), "unknown"),
+        ("style.info_nce_weight", 0.5, "set style.enabled=True"),
+        ("style.info_nce_temperature", 0.0, "info_nce_temperature"),
+        ("finetune.trainable", "rows", "finetune.trainable must be one of"),
+        ("finetune.init_from", "/nonexistent/run", "does not exist"),
+    ],
+)
+def test_style_and_finetune_settings_fail_at_start_up(key, value, match):
+    c = load("configs/demo.py")
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ValueError, match=match):
+        validate(c)
