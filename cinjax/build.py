@@ -158,6 +158,11 @@ def make_train_loader(
     transform_cfg = data_transforms.TransformConfig.from_mapping(
         dict(config.transforms.to_dict(), roi=tuple(config.data.roi))
     )
+    sample_fn = None
+    if config.style.enabled:
+        from cinjax.data import style
+
+        sample_fn = style.PairedSample(style.Restyler(style.from_config(config.style)))
     return pipeline.make_train_loader(
         records,
         global_batch_size=global_batch_size(config),
@@ -166,6 +171,7 @@ def make_train_loader(
         mode=config.loader.mode,
         ratios=loader_ratios(config),
         transform_cfg=transform_cfg,
+        sample_fn=sample_fn,
         num_workers=config.loader.num_workers,
         prefetch=config.loader.prefetch,
     )
@@ -174,13 +180,47 @@ def make_train_loader(
 # ------------------------------------------------------------------------------------- train step
 
 
+def default_info_nce_layer(model_cfg: ml_collections.ConfigDict) -> str:
+    """The encoder level the InfoNCE term compares when ``style.info_nce_layer`` is "": the second
+    down block of a UNet (the first when it has only one), Swin-UNETR's ``encoder3``; both at 1/4 of the
+    crop's resolution with the default strides."""
+    if model_cfg.name == "unet_vanilla":
+        return f"down_{max(0, min(1, len(model_cfg.channels) - 2))}_0"
+    if model_cfg.name == "swin_unetr":
+        return "encoder3"
+    return ""
+
+
+def info_nce(config: ml_collections.ConfigDict) -> steps.PairInfoNCE | None:
+    """The InfoNCE term of ``config.style`` (None when its weight is 0)."""
+    st = config.style
+    if not st.enabled or not st.info_nce_weight:
+        return None
+    layer = st.info_nce_layer or default_info_nce_layer(config.model)
+    if not layer:
+        from cinjax.config import ConfigError
+
+        raise ConfigError(
+            f"config.style.info_nce_layer: no default for model {config.model.name!r}; name the module "
+            "path of an encoder level."
+        )
+    return steps.PairInfoNCE(
+        layer, float(st.info_nce_weight), float(st.info_nce_temperature), int(st.info_nce_patches)
+    )
+
+
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, loss_fn: losses.LossFn, mesh: Mesh
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    loss_fn: losses.LossFn,
+    mesh: Mesh,
+    pair_loss: steps.PairInfoNCE | None = None,
 ) -> Any:
-    """The jitted, sharded train step ``(state, batch) -> (state, metrics)``; the state is donated."""
+    """The jitted, sharded train step ``(state, batch) -> (state, metrics)``; the state is donated.
+    ``pair_loss``: the InfoNCE term of style training (:func:`info_nce`)."""
     repl = distributed.replicated(mesh)
     return jax.jit(
-        functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn),
+        functools.partial(steps.train_step, model=model, tx=tx, loss_fn=loss_fn, info_nce=pair_loss),
         in_shardings=(repl, distributed.data_sharding(mesh)),
         out_shardings=(repl, repl),
         donate_argnums=(0,),

@@ -33,7 +33,19 @@ class ConfigError(ValueError):
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-SECTIONS = ("model", "data", "transforms", "loader", "loss", "optim", "train", "eval", "predict", "finetune")
+SECTIONS = (
+    "model",
+    "data",
+    "transforms",
+    "loader",
+    "loss",
+    "optim",
+    "train",
+    "eval",
+    "predict",
+    "finetune",
+    "style",
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -118,6 +130,25 @@ def base_config() -> ml_collections.ConfigDict:
             trainable="all",  # all | new_modalities | new_modalities+head
         )
     )
+    # Single-source generalization (cinjax.data.style): every crop also restyled, batches of (original,
+    # restyled) pairs, Dice on both and a patch-wise InfoNCE between their encoder features.
+    c.style = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            interventions=("gin", "bezier"),  # one drawn per crop; "generator" needs style.generator
+            gin_layers=4,
+            gin_channels=2,
+            gin_kernel_sizes=(1, 3),
+            gin_negative_slope=0.2,
+            bezier_monotone_prob=0.5,
+            generator="",  # "package.module:callable": a mask-conditioned generator (the diffusion route)
+            generator_kwargs=ml_collections.ConfigDict(),
+            info_nce_weight=0.0,  # 0: no InfoNCE term (interventions only)
+            info_nce_temperature=0.07,
+            info_nce_patches=128,  # patch locations sampled per crop
+            info_nce_layer="",  # module path of the encoder level ("" : the model's default)
+        )
+    )
     return c
 
 
@@ -143,6 +174,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from cinjax import finetune
 
     finetune.validate(config)
+    _validate_style(config)
     _at_least(config, "train.num_steps", 1)
     for k in ("log_every", "eval_every", "checkpoint_every"):
         _at_least(config, f"train.{k}", 0, "0 disables")
@@ -185,6 +217,24 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         build_model(model_cfg)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from e
+
+
+def _validate_style(config: ml_collections.ConfigDict) -> None:
+    from cinjax.data import style
+
+    st = config.style
+    try:
+        style.from_config(st)
+    except ValueError as e:
+        raise ConfigError(f"config.style: {e}") from e
+    _at_least(config, "style.info_nce_weight", 0, "0: interventions only")
+    _positive(config, "style.info_nce_temperature")
+    _at_least(config, "style.info_nce_patches", 1)
+    if st.info_nce_weight and not st.enabled:
+        raise ConfigError(
+            f"config.style.info_nce_weight={st.info_nce_weight} compares each crop with its restyled copy: "
+            "set style.enabled=True (or the weight to 0)."
+        )
 
 
 def _validate_loader(config: ml_collections.ConfigDict) -> None:

@@ -9,6 +9,7 @@ name the step; a non-finite state is never returned, so it is never saved.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,10 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from cinjax import losses
 
 LossFn = Callable[[jax.Array, jax.Array], Any]
 
@@ -67,6 +71,44 @@ def _loss_terms(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     return out, {}
 
 
+@dataclasses.dataclass(frozen=True)
+class PairInfoNCE:
+    """The patch-wise InfoNCE term of style training (:func:`cinjax.losses.patch_info_nce`) between the
+    features of each crop and of its restyled copy at the module ``layer`` (a module path)."""
+
+    layer: str
+    weight: float
+    temperature: float = 0.07
+    num_patches: int = 128
+
+
+def _with_pairs(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(image, label, modality)``; with ``"image_style"`` in the batch, rows ``2i`` / ``2i + 1`` are
+    crop ``i`` and its restyled copy (same label, same modality row), so each pair stays on its device."""
+    image, label, modality = batch["image"], batch["label"], batch["modality"]
+    if "image_style" not in batch:
+        return image, label, modality
+    pairs = jnp.stack([image, batch["image_style"].astype(image.dtype)], axis=1)
+    return pairs.reshape(-1, *image.shape[1:]), jnp.repeat(label, 2, axis=0), jnp.repeat(modality, 2, axis=0)
+
+
+def _captured(intermediates: Any, layer: str) -> jax.Array:
+    """The output of module ``layer`` recorded by ``capture_intermediates``."""
+    found = [
+        value
+        for path, value in jax.tree_util.tree_flatten_with_path(
+            intermediates, is_leaf=lambda x: isinstance(x, tuple)
+        )[0]
+        if getattr(path[-1], "key", None) == "__call__"
+    ]
+    if len(found) != 1 or len(found[0]) != 1 or not isinstance(found[0][0], jax.Array):
+        raise ValueError(
+            f"style.info_nce_layer={layer!r} must name one module of the model that returns one feature "
+            "map (a module path such as 'down_1_0' for unet_vanilla or 'encoder3' for swin_unetr)."
+        )
+    return found[0][0]
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -74,25 +116,55 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     loss_fn: LossFn,
+    info_nce: PairInfoNCE | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch ``{"image", "label", "modality"}``."""
+    """One optimizer step on a global batch ``{"image", "label", "modality"}``.
+
+    With ``"image_style"`` (style training) every crop and its restyled copy are segmented (the loss
+    covers both), and ``info_nce`` adds ``weight * InfoNCE`` of their features (``parts["info_nce"]``).
+    """
     rng = jax.random.wrap_key_data(state.rng)
-    rng, dropout_rng = jax.random.split(rng)
+    rng, dropout_rng, nce_rng = jax.random.split(rng, 3)
     dropout_rng = jax.random.fold_in(dropout_rng, state.step)
+    nce_rng = jax.random.fold_in(nce_rng, state.step)
     mutable = list(state.model_state.keys())
+    image, label, modality = _with_pairs(batch)
+    capture = info_nce is not None and "image_style" in batch
+    if info_nce is not None and not capture:
+        raise ValueError("The InfoNCE term needs (original, restyled) pairs: a loader with style.enabled.")
 
     def compute_loss(params):
         variables = {"params": params, **state.model_state}
+        collections = mutable + (["intermediates"] if capture else [])
         out = model.apply(
             variables,
-            batch["image"],
-            batch["modality"],
+            image,
+            modality,
             train=True,
             rngs={"dropout": dropout_rng},
-            mutable=mutable or False,
+            mutable=collections or False,
+            capture_intermediates=(
+                (lambda mdl, method: method == "__call__" and "/".join(mdl.path) == info_nce.layer)
+                if capture
+                else False
+            ),
         )
-        logits, new_model_state = out if mutable else (out, {})
-        loss, parts = _loss_terms(loss_fn(logits.astype(jnp.float32), batch["label"]))
+        logits, new_model_state = out if collections else (out, {})
+        new_model_state = dict(new_model_state)
+        intermediates = new_model_state.pop("intermediates", None)
+        loss, parts = _loss_terms(loss_fn(logits.astype(jnp.float32), label))
+        if capture:
+            feats = _captured(intermediates, info_nce.layer)
+            feats = feats.reshape(-1, 2, *feats.shape[1:])
+            nce = losses.patch_info_nce(
+                feats[:, 0],
+                feats[:, 1],
+                nce_rng,
+                num_patches=min(info_nce.num_patches, int(np.prod(feats.shape[2:-1]))),
+                temperature=info_nce.temperature,
+            )
+            parts["info_nce"] = nce
+            loss = loss + info_nce.weight * nce
         return loss, (parts, new_model_state)
 
     (loss, (parts, new_model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)

@@ -145,7 +145,7 @@ def setup(config: ml_collections.ConfigDict, run: Workdir) -> TrainSetup:
         mesh=mesh,
         inference_model=inference_model,
         schedule=schedule,
-        train_step=build.make_train_step(model, tx, loss_fn, mesh),
+        train_step=build.make_train_step(model, tx, loss_fn, mesh, build.info_nce(config)),
         loader=loader,
         state=state,
         start_step=start_step,

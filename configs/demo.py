@@ -75,6 +75,5 @@ def _with_mr2(c, adding: bool) -> None:
         c.loader.single_modality_name = "MR2"
         c.finetune.trainable = "new_modalities"
         c.finetune.new_modality_init = "mean"
-        c.optim.lr = 1e-2
         c.train.num_steps = 200
         c.train.eval_every = 100

@@ -1,5 +1,6 @@
-"""`python -m benchmarks.ablation`: a tiny study (two variants, one seed, two steps) through the real CLI
-writes valid JSON, Markdown and a PNG, and a second invocation reruns no finished cell."""
+"""The benchmark studies through the real CLI, tiny: `python -m benchmarks.ablation` (two variants, one
+seed, two steps) writes valid JSON, Markdown and a PNG, and a second invocation reruns no finished cell;
+`python -m benchmarks.single_source` (style training with the InfoNCE term) writes valid JSON."""
 
 import json
 import math
@@ -47,3 +48,28 @@ def test_tiny_ablation_writes_json_markdown_png_and_resumes(tmp_path):
     run_module(args, devices=1, module="benchmarks.ablation")  # every cell is done: nothing reruns
     assert {p: os.path.getsize(p) for p in out.glob("runs/*/seed0/log.txt")} == logs
     assert json.load(open(out / "ablation.json"))["variants"] == doc["variants"]
+
+
+def test_tiny_single_source_run_writes_json(tmp_path):
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--tiny", "--seeds", "0", "--variants", "ct_to_mr_style_nce"]
+    args += [
+        "--set",
+        f"config.data.root={tmp_path / 'phantom'}",
+        "--set",
+        f"config.data.cache_dir={tmp_path / 'c'}",
+    ]
+    run_module(args, devices=1, module="benchmarks.single_source")
+    doc = json.load(open(out / "single_source.json"))
+    (cell,) = doc["variants"]["ct_to_mr_style_nce"]["cells"]
+    assert cell["seed"] == 0 and set(cell["modalities"]) == {"CT", "MR"}
+    assert all(0.0 <= r["mean_dice"] <= 1.0 for r in cell["modalities"].values())
+    config = json.load(open(out / "runs" / "ct_to_mr_style_nce" / "seed0" / "phase0" / "config.json"))
+    assert config["style"]["enabled"] and config["style"]["info_nce_weight"] == 0.1
+    assert config["loader"]["mode"] == "single" and config["loader"]["single_modality_name"] == "CT"
+    train = [
+        json.loads(line)
+        for line in open(out / "runs" / "ct_to_mr_style_nce" / "seed0" / "phase0" / "metrics.jsonl")
+    ]
+    logged = [r for r in train if r["stream"] == "train"]
+    assert logged and all(r["info_nce"] > 0 for r in logged)  # the term is computed and logged

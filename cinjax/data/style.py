@@ -473,3 +473,34 @@ def restyle(
 ) -> np.ndarray:
     """One-off ``Restyler(cfg)(image, label, rng)``; build a :class:`Restyler` once to reuse a plug-in."""
     return Restyler(cfg)(image, label, rng)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training pairs.
+
+
+@dataclasses.dataclass
+class PairedSample:
+    """The loader's sample function for style training: the usual augmented crop, plus
+    ``"image_style"``, the same crop restyled by ``restyler`` (same label, same modality id).
+
+    Picklable (loader workers); the restyling draws from the sample's own generator after the crop
+    and augmentations, so a pair is a function of (seed, position in the stream) only.
+    """
+
+    restyler: Restyler
+
+    def __call__(self, record: Any, rng: np.random.Generator, cfg: Any = None) -> dict[str, np.ndarray]:
+        from cinjax.data import transforms
+
+        sample = transforms.train_sample(record, rng, cfg)
+        sample["image_style"] = self.restyler(sample["image"], sample["label"], rng)
+        return sample
+
+
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(StyleConfig))
+
+
+def from_config(section: Mapping[str, Any]) -> StyleConfig:
+    """The :class:`StyleConfig` of a ``config.style`` section (its loss keys are left out)."""
+    return StyleConfig.from_mapping({k: section[k] for k in CONFIG_KEYS if k in section})
