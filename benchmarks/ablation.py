@@ -118,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     p.add_argument("--set", action="append", default=[], help="extra CLI override KEY=VALUE (repeatable)")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke version (CI)")
+    p.add_argument("--report_only", action="store_true", help="run nothing; report the finished cells")
     args = p.parse_args(argv)
 
     names = MODELS[args.config]
@@ -163,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         meta,
         title=f"Ablation ({args.config}, {steps} steps, {len(seeds)} seeds)",
         stem="ablation",
+        report_only=args.report_only,
     )
 
 

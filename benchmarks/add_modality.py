@@ -9,6 +9,8 @@ or the demo). The new modality is the phantom's black-blood MR (``MR2``, 3 train
 
 * ``new_rows``: only the MR2 rows of every CIN table train (``finetune.trainable=new_modalities``);
   CT and MR predictions are bit-identical to the source's.
+* ``new_rows_lr10x``: the same with 10x the learning rate (a few rows start far from a contrast that
+  inverts blood and myocardium).
 * ``new_rows_head``: the MR2 rows and the output head.
 * ``full_finetune``: every parameter trains, from the source's weights.
 * ``scratch``: a randomly initialised conditional model trained on the same MR2 volumes.
@@ -25,12 +27,15 @@ import os
 import sys
 from collections.abc import Sequence
 
+from benchmarks.ablation import _load_config
 from benchmarks.study import Phase, Variant, run_study
 
 CONFIG = "configs/demo.py:add_mr2"
 
 
-def variants(source: str, steps: int) -> list[Variant]:
+def variants(source: str, steps: int, lr: float) -> list[Variant]:
+    """The four ways to get a model for the new modality, all on the same MR2 volumes (``lr``: the
+    config's learning rate)."""
     common = (f"config.train.num_steps={steps}", "config.train.eval_every=0")
     init = f"config.finetune.init_from={source}"
     return [
@@ -38,6 +43,16 @@ def variants(source: str, steps: int) -> list[Variant]:
             "new_rows",
             "only the new modality's CIN rows train (initialised as the mean of CT and MR)",
             (Phase(CONFIG, (*common, init, "config.finetune.trainable=new_modalities")),),
+        ),
+        Variant(
+            "new_rows_lr10x",
+            "only the new CIN rows train, with 10x the learning rate (rows are few and start far off)",
+            (
+                Phase(
+                    CONFIG,
+                    (*common, init, "config.finetune.trainable=new_modalities", f"config.optim.lr={10 * lr}"),
+                ),
+            ),
         ),
         Variant(
             "new_rows_head",
@@ -69,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not os.path.isdir(args.source):
         p.error(f"--source {args.source!r} is not a run directory")
     source = os.path.abspath(args.source)
-    chosen = variants(source, args.steps)
+    lr = _load_config(CONFIG.split(":")[0], CONFIG.split(":")[1]).optim.lr
+    chosen = variants(source, args.steps, lr)
     if args.variants:
         known = {v.name: v for v in chosen}
         wanted = [w.strip() for w in args.variants.split(",") if w.strip()]

@@ -66,14 +66,17 @@ def _cell_result(results: dict[str, Any], union_name: str) -> dict[str, Any]:
 
 
 def run_cell(
-    out_dir: str, variant: Variant, seed: int, extra: Sequence[str], union_name: str
-) -> dict[str, Any]:
-    """Run (or resume, or read back) one cell; returns ``{"seed", "wall_s", "modalities"}``."""
+    out_dir: str, variant: Variant, seed: int, extra: Sequence[str], union_name: str, run: bool = True
+) -> dict[str, Any] | None:
+    """Run (or resume, or read back) one cell; returns ``{"seed", "wall_s", "modalities"}`` (None for an
+    unfinished cell when ``run`` is False)."""
     cell_dir = os.path.join(out_dir, "runs", variant.name, f"seed{seed}")
     marker = os.path.join(cell_dir, "cell.json")
     if os.path.exists(marker):
         with open(marker) as f:
             return json.load(f)
+    if not run:
+        return None
     os.makedirs(cell_dir, exist_ok=True)
     start = time.perf_counter()
     previous = None
@@ -125,11 +128,12 @@ def markdown(report: dict[str, Any], union_name: str) -> str:
     """Tables: mean Dice / union Dice / HD95 per modality, then Dice per class of each modality."""
     variants = report["variants"]
     names = list(next(iter(variants.values()))["summary"])
-    head = ["variant"] + [f"{m} {k}" for m in names for k in ("Dice", f"{union_name} Dice", "HD95 mm")]
+    head = ["variant", "seeds"]
+    head += [f"{m} {k}" for m in names for k in ("Dice", f"{union_name} Dice", "HD95 mm")]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for v, entry in variants.items():
         s = entry["summary"]
-        row = [v]
+        row = [v, str(len(entry["cells"]))]
         for m in names:
             row += [
                 _fmt(s[m]["mean_dice"]),
@@ -183,19 +187,26 @@ def run_study(
     meta: dict[str, Any],
     title: str,
     stem: str,
+    report_only: bool = False,
 ) -> dict[str, Any]:
-    """Every (variant, seed) cell, then ``OUT/<stem>.json``, ``.md`` and ``.png``."""
+    """Every (variant, seed) cell, then ``OUT/<stem>.json``, ``.md`` and ``.png``. ``report_only``: run
+    nothing, report the finished cells (a variant's ``seeds`` lists those it has)."""
     start = time.perf_counter()
     report = dict(meta, seeds=list(seeds), variants={})
     for variant in variants:
         cells = []
         for seed in seeds:
-            cell = run_cell(out_dir, variant, seed, extra, union_name)
+            cell = run_cell(out_dir, variant, seed, extra, union_name, run=not report_only)
+            if cell is None:
+                continue
             cells.append(cell)
             means = {m: round(r["mean_dice"], 3) for m, r in cell["modalities"].items()}
             print(f"{variant.name} seed {seed}: mean Dice {means} ({cell['wall_s']:.0f} s)", flush=True)
+        if not cells:
+            continue
         report["variants"][variant.name] = {
             "description": variant.description,
+            "seeds": [c["seed"] for c in cells],
             "phases": [dataclasses.asdict(p) for p in variant.phases],
             "cells": cells,
             "summary": summarize(cells, union_name),
