@@ -152,7 +152,8 @@ def markdown(report: dict[str, Any], union_name: str) -> str:
 
 
 def bar_chart(report: dict[str, Any], path: str, title: str) -> None:
-    """Mean foreground Dice per variant and modality, error bars one std over seeds."""
+    """Mean foreground Dice per variant and modality, error bars one std over seeds (the number of
+    seeds is shown per variant when it differs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,7 +170,9 @@ def bar_chart(report: dict[str, Any], path: str, title: str) -> None:
         means = [s["mean"] or 0.0 for s in stats]
         stds = [s["std"] or 0.0 for s in stats]
         ax.bar(x + (i - (len(names) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=m)
-    ax.set_xticks(x, variants, rotation=25, ha="right")
+    counts = [len(report["variants"][v]["cells"]) for v in variants]
+    labels = variants if len(set(counts)) == 1 else [f"{v} (n={n})" for v, n in zip(variants, counts)]
+    ax.set_xticks(x, labels, rotation=25, ha="right")
     ax.set_ylabel("mean foreground Dice")
     ax.set_ylim(0, 1)
     ax.set_title(title)
