@@ -29,7 +29,7 @@ import platform
 import sys
 from collections.abc import Sequence
 
-from benchmarks.study import REPO, Phase, Variant, run_study
+from benchmarks.study import REPO, Phase, Variant, choose, run_study
 
 # The model name each config file gives the four networks.
 MODELS = {
@@ -125,17 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = _load_config(args.config, names["c_unet"])
     steps = args.steps or (2 if args.tiny else base.train.num_steps)
     chosen = variants(args.config, steps)
-    if args.variants:
-        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-        known = {v.name: v for v in chosen}
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            p.error(f"unknown variants {unknown}; choose from {list(known)}")
-        chosen = [known[w] for w in wanted]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    chosen, seeds = choose(p, chosen, args.variants, args.seeds)
     extra = (*(TINY if args.tiny else ()), *args.set)
     meta = {
         "study": "ablation",

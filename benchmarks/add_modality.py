@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from benchmarks.ablation import _load_config
-from benchmarks.study import Phase, Variant, run_study
+from benchmarks.study import Phase, Variant, choose, run_study
 
 CONFIG = "configs/demo.py:add_mr2"
 
@@ -86,13 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     source = os.path.abspath(args.source)
     lr = _load_config(CONFIG.split(":")[0], CONFIG.split(":")[1]).optim.lr
     chosen = variants(source, args.steps, lr)
-    if args.variants:
-        known = {v.name: v for v in chosen}
-        wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
-        if unknown := [w for w in wanted if w not in known]:
-            p.error(f"unknown variants {unknown}; choose from {list(known)}")
-        chosen = [known[w] for w in wanted]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    chosen, seeds = choose(p, chosen, args.variants, args.seeds)
     meta = {
         "study": "add_modality",
         "command": "python -m benchmarks.add_modality "

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from benchmarks.ablation import TINY, _load_config
-from benchmarks.study import Phase, Variant, run_study
+from benchmarks.study import Phase, Variant, choose, run_study
 
 CONFIG = "configs/ablation.py"
 DIRECTIONS = (("CT", "MR"), ("MR", "CT"))
@@ -77,13 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = _load_config(CONFIG, "unet")
     steps = args.steps or (2 if args.tiny else base.train.num_steps)
     chosen = variants(steps, args.nce_weight)
-    if args.variants:
-        known = {v.name: v for v in chosen}
-        wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
-        if unknown := [w for w in wanted if w not in known]:
-            p.error(f"unknown variants {unknown}; choose from {list(known)}")
-        chosen = [known[w] for w in wanted]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    chosen, seeds = choose(p, chosen, args.variants, args.seeds)
     extra = (*(TINY if args.tiny else ()), *args.set)
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     meta = {

@@ -9,6 +9,7 @@ mean ± std over seeds per modality and class), Markdown and a bar chart.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -225,3 +226,21 @@ def run_study(
         f.write(markdown(report, union_name))
     bar_chart(report, os.path.join(out_dir, f"{stem}.png"), title)
     return report
+
+
+def choose(
+    parser: argparse.ArgumentParser, variants: Sequence[Variant], names: str, seeds: str
+) -> tuple[list[Variant], list[int]]:
+    """The ``--variants`` subset (comma-separated, in the given order; "" : all) and the ``--seeds``
+    list of a study command; bad values end the command with the parser's usage error."""
+    chosen = list(variants)
+    if names:
+        known = {v.name: v for v in chosen}
+        wanted = [w.strip() for w in names.split(",") if w.strip()]
+        if unknown := [w for w in wanted if w not in known]:
+            parser.error(f"unknown variants {unknown}; choose from {list(known)}")
+        chosen = [known[w] for w in wanted]
+    try:
+        return chosen, [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {seeds!r}")
