@@ -205,7 +205,11 @@ def info_nce(config: ml_collections.ConfigDict) -> steps.PairInfoNCE | None:
             "path of an encoder level."
         )
     return steps.PairInfoNCE(
-        layer, float(st.info_nce_weight), float(st.info_nce_temperature), int(st.info_nce_patches)
+        layer,
+        float(st.info_nce_weight),
+        float(st.info_nce_temperature),
+        int(st.info_nce_patches),
+        int(st.info_nce_projection),
     )
 
 
@@ -235,7 +239,8 @@ def make_init(
     repl = distributed.replicated(mesh)
     sample = sample_batch(config, 1)
     jitted = jax.jit(
-        functools.partial(steps.create_train_state, model, tx, seed=config.seed), out_shardings=repl
+        functools.partial(steps.create_train_state, model, tx, seed=config.seed, info_nce=info_nce(config)),
+        out_shardings=repl,
     )
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), jax.eval_shape(jitted, sample)

@@ -31,6 +31,7 @@ from etils import epath
 from grain import checkpoint as grain_checkpoint
 
 from cinjax.metrics import json_safe
+from cinjax.steps import INFO_NCE_HEAD
 from cinjax.workdir import CHECKPOINTS, CONVERTED_PARAMS
 
 PyTree = Any
@@ -472,4 +473,5 @@ def _restore_variables(tree_dir: epath.Path, is_state_tree: bool) -> tuple[PyTre
             restored = {"params": handler.restore(tree_dir, args=args)}
     finally:
         handler.close()
-    return restored["params"], restored.get("model_state", {})
+    params = {k: v for k, v in restored["params"].items() if k != INFO_NCE_HEAD}  # training only
+    return params, restored.get("model_state", {})

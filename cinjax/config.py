@@ -147,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
             info_nce_temperature=0.07,
             info_nce_patches=128,  # patch locations sampled per crop
             info_nce_layer="",  # module path of the encoder level ("" : the model's default)
+            info_nce_projection=0,  # width of a learned 2-layer MLP head on the features (0: none)
         )
     )
     return c
@@ -230,6 +231,13 @@ def _validate_style(config: ml_collections.ConfigDict) -> None:
     _at_least(config, "style.info_nce_weight", 0, "0: interventions only")
     _positive(config, "style.info_nce_temperature")
     _at_least(config, "style.info_nce_patches", 1)
+    _at_least(config, "style.info_nce_projection", 0, "0: no projection head")
+    fc = config.get("finetune")
+    if st.info_nce_weight and st.info_nce_projection and fc is not None and fc.init_from:
+        raise ConfigError(
+            f"config.style.info_nce_projection={st.info_nce_projection} adds parameters a fine-tuned run "
+            f"does not have ({fc.init_from}): set style.info_nce_projection=0 to fine-tune."
+        )
     if st.info_nce_weight and not st.enabled:
         raise ConfigError(
             f"config.style.info_nce_weight={st.info_nce_weight} compares each crop with its restyled copy: "

@@ -258,13 +258,16 @@ def patch_info_nce(
     num_patches: int = 256,
     temperature: float = 0.07,
     eps: float = 1e-12,
+    project: Callable[[Array], Array] | None = None,
 ) -> Array:
     """Symmetric patch-wise InfoNCE between the feature maps of an image and its restyled copy.
 
     ``feat_a``, ``feat_b``: channels-last ``(B, *spatial, C)`` features (any float dtype; computed in
     float32). Per sample, the same P locations are taken from both maps: drawn with ``key`` (P =
     ``num_patches``, see :func:`sample_patch_indices`) or given as flat ``indices`` ``(B, P)`` into the
-    spatial grid (row-major; not range-checked under ``jit``). Features are L2-normalised (norm floored
+    spatial grid (row-major; not range-checked under ``jit``). ``project`` (a projection head, the same
+    for both copies) maps the sampled ``(B, P, C)`` features to ``(B, P, C')`` first. Features are
+    L2-normalised (norm floored
     at ``eps``, as torch ``F.normalize``), ``logits[i, j] = <a_i, b_j> / temperature`` over the P
     patches of the sample, and the loss is the cross entropy with the same patch as the positive, a→b
     (rows) and b→a (columns) averaged, mean over patches and samples. Returns a float32 scalar; it pulls
@@ -288,6 +291,8 @@ def patch_info_nce(
     idx = indices.astype(jnp.int32)[..., None]
     a = jnp.take_along_axis(a, idx, axis=1)
     b = jnp.take_along_axis(b, idx, axis=1)
+    if project is not None:
+        a, b = project(a).astype(jnp.float32), project(b).astype(jnp.float32)
     a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=-1, keepdims=True), eps * eps))
     b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, axis=-1, keepdims=True), eps * eps))
     logits = jnp.einsum("bpc,bqc->bpq", a, b, precision=jax.lax.Precision.HIGHEST) / temperature

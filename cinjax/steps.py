@@ -10,6 +10,7 @@ name the step; a non-finite state is never returned, so it is never saved.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +22,10 @@ import numpy as np
 import optax
 
 from cinjax import losses
+from cinjax.models.blocks.projection import ProjectionHead
 
 LossFn = Callable[[jax.Array, jax.Array], Any]
+INFO_NCE_HEAD = "info_nce_head"  # the params entry of the InfoNCE projection head (training only)
 
 
 @flax.struct.dataclass
@@ -34,28 +37,6 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     model_state: Any  # non-param collections (e.g. batch_stats); {} for instance-norm models
-
-
-def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, sample: dict[str, jax.Array], seed: int
-) -> TrainState:
-    """Initialise params (fp32) and optimizer state from one sample batch.
-
-    Params are drawn with an ``rbg`` key: XLA compiles its bit generator ~5x faster than threefry's
-    (30 s vs 7 s for a small UNet init on a 2-core CPU); the step's dropout key stays threefry.
-    """
-    init_rng = jax.random.key(seed, impl="rbg")
-    rng = jax.random.fold_in(jax.random.key(seed), 1)
-    variables = model.init(init_rng, sample["image"], sample["modality"], train=False)
-    variables = flax.core.unfreeze(variables)
-    params = variables.pop("params")
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.key_data(rng),
-        model_state=variables,
-    )
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -74,12 +55,14 @@ def _loss_terms(out: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
 @dataclasses.dataclass(frozen=True)
 class PairInfoNCE:
     """The patch-wise InfoNCE term of style training (:func:`cinjax.losses.patch_info_nce`) between the
-    features of each crop and of its restyled copy at the module ``layer`` (a module path)."""
+    features of each crop and of its restyled copy at the module ``layer`` (a module path), through a
+    learned projection head when ``projection`` > 0."""
 
     layer: str
     weight: float
     temperature: float = 0.07
     num_patches: int = 128
+    projection: int = 0  # width of the projection head (0: compare the features themselves)
 
 
 def _with_pairs(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -109,6 +92,61 @@ def _captured(intermediates: Any, layer: str) -> jax.Array:
     return found[0][0]
 
 
+def _capture_layer(layer: str) -> Callable[[nn.Module, str], bool]:
+    """``capture_intermediates`` filter recording the output of module ``layer`` only."""
+    return lambda mdl, method: method == "__call__" and "/".join(mdl.path) == layer
+
+
+def _features(
+    model: nn.Module, variables: dict[str, Any], sample: dict[str, jax.Array], layer: str, train: bool
+) -> jax.Array:
+    """The feature map of module ``layer`` for ``sample`` (shape inference of the projection head)."""
+    _, state = model.apply(
+        variables,
+        sample["image"],
+        sample["modality"],
+        train=train,
+        mutable=["intermediates"],
+        capture_intermediates=_capture_layer(layer),
+    )
+    return _captured(state["intermediates"], layer)
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    sample: dict[str, jax.Array],
+    seed: int,
+    info_nce: PairInfoNCE | None = None,
+) -> TrainState:
+    """Initialise params (fp32) and optimizer state from one sample batch; with an InfoNCE projection
+    head (``info_nce.projection``) its params are ``params[INFO_NCE_HEAD]``, next to the model's.
+
+    Params are drawn with an ``rbg`` key: XLA compiles its bit generator ~5x faster than threefry's
+    (30 s vs 7 s for a small UNet init on a 2-core CPU); the step's dropout key stays threefry.
+    """
+    init_rng = jax.random.key(seed, impl="rbg")
+    rng = jax.random.fold_in(jax.random.key(seed), 1)
+    variables = model.init(init_rng, sample["image"], sample["modality"], train=False)
+    variables = flax.core.unfreeze(variables)
+    params = variables.pop("params")
+    if info_nce is not None and info_nce.projection:
+        feats = jax.eval_shape(
+            lambda: _features(model, {"params": params, **variables}, sample, info_nce.layer, False)
+        )
+        head = ProjectionHead(info_nce.projection)
+        params[INFO_NCE_HEAD] = head.init(
+            jax.random.fold_in(init_rng, 1), jnp.zeros((1, feats.shape[-1]), jnp.float32)
+        )["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(rng),
+        model_state=variables,
+    )
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -134,6 +172,8 @@ def train_step(
         raise ValueError("The InfoNCE term needs (original, restyled) pairs: a loader with style.enabled.")
 
     def compute_loss(params):
+        params = dict(params)
+        head = params.pop(INFO_NCE_HEAD, None)
         variables = {"params": params, **state.model_state}
         collections = mutable + (["intermediates"] if capture else [])
         out = model.apply(
@@ -143,11 +183,7 @@ def train_step(
             train=True,
             rngs={"dropout": dropout_rng},
             mutable=collections or False,
-            capture_intermediates=(
-                (lambda mdl, method: method == "__call__" and "/".join(mdl.path) == info_nce.layer)
-                if capture
-                else False
-            ),
+            capture_intermediates=_capture_layer(info_nce.layer) if capture else False,
         )
         logits, new_model_state = out if collections else (out, {})
         new_model_state = dict(new_model_state)
@@ -156,12 +192,16 @@ def train_step(
         if capture:
             feats = _captured(intermediates, info_nce.layer)
             feats = feats.reshape(-1, 2, *feats.shape[1:])
+            project = None
+            if head is not None:
+                project = functools.partial(ProjectionHead(info_nce.projection).apply, {"params": head})
             nce = losses.patch_info_nce(
                 feats[:, 0],
                 feats[:, 1],
                 nce_rng,
                 num_patches=min(info_nce.num_patches, int(np.prod(feats.shape[2:-1]))),
                 temperature=info_nce.temperature,
+                project=project,
             )
             parts["info_nce"] = nce
             loss = loss + info_nce.weight * nce

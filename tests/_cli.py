@@ -1,5 +1,7 @@
-"""Running the real command lines in a subprocess: fake CPU devices and the tests' compilation cache."""
+"""Running the real command lines in a subprocess: fake CPU devices and the tests' compilation cache;
+loading a shipped config file."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,3 +35,13 @@ def run_module(args, devices=2, timeout=600, module="cinjax.main", check=True):
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc
+
+
+def load_config(path: str, arg: str | None = None):
+    """``get_config(arg)`` of the config file ``path`` (relative to the repository)."""
+    spec = importlib.util.spec_from_file_location(
+        f"cfg_{os.path.basename(path)[:-3]}", os.path.join(REPO, path)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()

@@ -1,26 +1,17 @@
 """Every shipped config builds, validates and gives the paper's model sizes."""
 
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
+from _cli import REPO
+from _cli import load_config as load
 
 from cinjax import build
 from cinjax.config import validate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAMS = {"c_unet": 62_562_904, "c_swin_unetr_fs36": 35_162_156}
-
-
-def load(path: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(
-        f"cfg_{os.path.basename(path)[:-3]}", os.path.join(REPO, path)
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def _num_params(config) -> int:
@@ -258,6 +249,7 @@ def test_ablation_configs_validate(arg):
         ("style.interventions", ("gin", "warp"), "unknown"),
         ("style.info_nce_weight", 0.5, "set style.enabled=True"),
         ("style.info_nce_temperature", 0.0, "info_nce_temperature"),
+        ("style.info_nce_projection", -1, "info_nce_projection must be a number >= 0"),
         ("finetune.trainable", "rows", "finetune.trainable must be one of"),
         ("finetune.init_from", "/nonexistent/run", "does not exist"),
     ],
@@ -267,4 +259,12 @@ def test_style_and_finetune_settings_fail_at_start_up(key, value, match):
     section, name = key.split(".")
     c[section][name] = value
     with pytest.raises(ValueError, match=match):
+        validate(c)
+
+
+def test_projection_head_cannot_be_fine_tuned(tmp_path):
+    c = load("configs/demo.py")
+    c.style.enabled, c.style.info_nce_weight, c.style.info_nce_projection = True, 0.1, 8
+    c.finetune.init_from = str(tmp_path)
+    with pytest.raises(ValueError, match="set style.info_nce_projection=0 to fine-tune"):
         validate(c)

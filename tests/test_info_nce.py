@@ -1,4 +1,5 @@
-"""Patch-wise InfoNCE vs an independent float64 numpy reference, and its minimum at identical pairs."""
+"""Patch-wise InfoNCE vs an independent float64 numpy reference (with and without the projection head),
+its minimum at identical pairs, and the style train step that trains the head."""
 
 import functools
 
@@ -6,8 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cli import load_config
 
-from cinjax import losses
+from cinjax import build, distributed, losses, steps
+from cinjax.config import validate
+from cinjax.models.blocks.projection import ProjectionHead
 
 
 def np_info_nce(feat_a, feat_b, indices, temperature):
@@ -115,3 +119,67 @@ def test_errors(feats):
         losses.patch_info_nce(a, b[..., :3], key)
     with pytest.raises(ValueError, match=r"\(B=2, P\)"):
         losses.patch_info_nce(a, b, indices=jnp.asarray(indices[0]))
+
+
+def test_projection_head_matches_numpy(feats):
+    """With a projection head the loss is InfoNCE of the projected features (numpy MLP reference)."""
+    a, b, indices = feats
+    head = ProjectionHead(7)
+    variables = head.init(jax.random.key(0), jnp.zeros((1, SHAPE[-1])))
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), variables["params"])
+
+    def np_head(x):
+        hidden = np.maximum(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0.0)
+        return hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+    got = losses.patch_info_nce(
+        a,
+        b,
+        indices=jnp.asarray(indices),
+        temperature=0.1,
+        project=functools.partial(head.apply, variables),
+    )
+    want = np_info_nce(np_head(a.astype(np.float64)), np_head(b.astype(np.float64)), indices, 0.1)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("projection", [0, 8])
+def test_style_train_step_trains_the_projection_head(projection):
+    """The product's train step on (original, restyled) pairs: with ``style.info_nce_projection`` the
+    head's params sit next to the model's and are updated with them; without it there is no head."""
+    config = load_config("configs/demo.py")
+    with config.unlocked():
+        config.data.roi = (16, 16, 16)
+        config.model.channels, config.model.strides = (4, 8), (1, 2)
+        config.style.enabled, config.style.info_nce_weight = True, 0.5
+        config.style.info_nce_projection = projection
+        config.optim.schedule.warmup_steps = 0  # a non-zero first update
+    validate(config)
+    mesh = distributed.make_mesh()
+    model = build.make_model(config)
+    tx, _ = build.make_optimizer(config, model)
+    init, abstract = build.make_init(config, model, tx, mesh)
+    state = init()
+    rng = np.random.default_rng(0)
+    n = 2 * jax.device_count()
+    batch = {
+        "image": rng.normal(size=(n, 16, 16, 16, 1)).astype(np.float32),
+        "image_style": rng.normal(size=(n, 16, 16, 16, 1)).astype(np.float32),
+        "label": rng.integers(0, 8, size=(n, 16, 16, 16)).astype(np.int32),
+        "modality": np.zeros((n,), np.int32),
+    }
+    step = build.make_train_step(model, tx, build.make_loss(config), mesh, build.info_nce(config))
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, batch)
+    assert int(metrics["finite"]) == 1 and float(metrics["info_nce"]) > 0
+    if not projection:
+        assert steps.INFO_NCE_HEAD not in state.params
+        return
+    head = state.params[steps.INFO_NCE_HEAD]
+    channels = config.model.channels[1]  # down_0_0 (the default layer of a two-level UNet) outputs these
+    assert head["fc1"]["kernel"].shape == (channels, projection) and head["fc2"]["kernel"].shape == (8, 8)
+    assert jax.tree.structure(abstract.params) == jax.tree.structure(state.params)
+    for name in ("fc1", "fc2"):
+        assert not np.array_equal(
+            np.asarray(head[name]["kernel"]), before[steps.INFO_NCE_HEAD][name]["kernel"]
+        )

@@ -1,1 +1,1 @@
-"""Blocks built from layers: MONAI-style residual units and UNETR blocks."""
+"""Blocks built from layers: MONAI-style residual units, UNETR blocks, the InfoNCE projection head."""
