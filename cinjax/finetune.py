@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from cinjax import checkpointing, runspec
 from cinjax.config import ConfigError
@@ -92,6 +93,7 @@ def load_source(config: ml_collections.ConfigDict, abstract_params: Any) -> Sour
     other parameter copied (its shape must match)."""
     fc = config.finetune
     spec = runspec.read(fc.init_from)
+    check_preprocessing(config, spec)
     variables = checkpointing.restore_inference_variables(fc.init_from, prefer=fc.checkpoint)
     src_rows = dict(spec.modalities)  # name -> row in the source tables
     new_ids = dict(config.data.modalities)
@@ -135,6 +137,30 @@ def load_source(config: ml_collections.ConfigDict, abstract_params: Any) -> Sour
         )
     params = _unflatten(abstract_params, out)
     return Source(params, variables.model_state, variables.directory, variables.step, new)
+
+
+def check_preprocessing(config: ml_collections.ConfigDict, source: runspec.InferenceSpec) -> None:
+    """The source run's voxel spacing, label codes and the intensity scaling of every modality both runs
+    share must be this run's: a model fed differently prepared volumes than it was trained on is silently
+    worse. A mismatch is an error when parameters stay frozen, a warning under ``trainable=all``."""
+    mine = runspec.InferenceSpec.from_config(config)
+    diffs = []
+    if mine.spacing != source.spacing:
+        diffs.append(f"data.spacing={mine.spacing} (source: {source.spacing})")
+    if mine.label_codes != source.label_codes:
+        diffs.append(f"data.label_codes={mine.label_codes} (source: {source.label_codes})")
+    for name in sorted(set(mine.intensity) & set(source.intensity)):
+        if mine.intensity[name] != source.intensity[name]:
+            diffs.append(f"{name} intensity {mine.intensity[name]} (source: {source.intensity[name]})")
+    if not diffs:
+        return
+    text = (
+        f"config.finetune.init_from={config.finetune.init_from!r} was trained on other preprocessing: "
+        f"{'; '.join(diffs)}. Set config.data to the source run's preprocessing (its inference.json)"
+    )
+    if config.finetune.trainable != "all":
+        raise FinetuneError(text + ".")
+    logging.warning("%s, unless retraining every parameter on the new preprocessing is intended.", text)
 
 
 def _unflatten(like: Any, flat: dict[str, Any]) -> Any:

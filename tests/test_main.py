@@ -15,23 +15,11 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from _cli import REPO, cli_env
 
 from cinjax import checkpointing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MMWHS_CODES = {0, 205, 420, 500, 550, 600, 820, 850}
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
-        "CINJAX_TEST_JAX_CACHE", os.path.expanduser("~/.cache/cinjax/jax-test-cache")
-    )
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +57,7 @@ def _cli(workdir, args, devices=2, extra_env=None, **popen):
         f"--workdir={workdir}",
         *args,
     ]
-    env = _env(devices)
+    env = cli_env(devices)
     env.update(extra_env or {})
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
@@ -402,7 +390,7 @@ def test_predict_from_a_converted_mi_seg_checkpoint(data_args, tmp_path):
             *flags,
         ],
         cwd=REPO,
-        env=_env(1),
+        env=cli_env(1),
         capture_output=True,
         text=True,
         timeout=300,

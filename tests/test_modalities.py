@@ -112,3 +112,23 @@ def test_phantom_black_blood_contrast_is_inverted(runs):
         label = nib.load(os.path.join(root, f"{name}_train", f"{name}_train_1001_label.nii.gz")).get_fdata()
         values[name] = (np.median(image[label == 500]), np.median(image[label == 205]))  # LV blood, myo
     assert values["mr"][0] > values["mr"][1] and values["mr2"][0] < values["mr2"][1]
+
+
+def test_source_preprocessing_must_match(runs):
+    """Frozen weights fed volumes prepared differently from their training are refused; retraining every
+    parameter (trainable=all) is allowed with a warning."""
+    _, a, b = runs
+    config = ml_collections.ConfigDict(json.load(open(os.path.join(b, "config.json"))))
+    abstract = build.param_shapes(config, build.make_model(config))
+    finetune.load_source(config, abstract)  # the run's own preprocessing: accepted
+    spacing = tuple(2.0 * s for s in config.data.spacing)
+    for change in ("spacing", "intensity"):
+        changed = ml_collections.ConfigDict(config.to_dict())
+        if change == "spacing":
+            changed.data.spacing = spacing
+        else:
+            changed.data.intensity_by_modality = {"CT": {"mode": "zscore"}}
+        with pytest.raises(finetune.FinetuneError, match=r"other preprocessing: .*Set config\.data"):
+            finetune.load_source(changed, abstract)
+    changed.finetune.trainable = "all"
+    finetune.load_source(changed, abstract)
