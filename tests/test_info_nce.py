@@ -182,3 +182,34 @@ def test_style_train_step_trains_the_projection_head(tmp_path):
         assert not np.array_equal(
             np.asarray(head[name]["kernel"]), before[steps.INFO_NCE_HEAD][name]["kernel"]
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", ["c_swin", "swin"])
+def test_style_train_step_on_swin_unetr(arg):
+    """Style training with InfoNCE (default layer ``encoder3``) and a projection head, on the ablation's
+    Swin-UNETR fs12 with and without CIN: one finite step that computes the term and trains the head."""
+    config = load_config("configs/ablation.py", arg)
+    with config.unlocked():
+        config.style.enabled, config.style.info_nce_weight = True, 0.1
+        config.style.info_nce_projection = 8
+        config.optim.schedule.warmup_steps = 0
+    validate(config)
+    mesh = distributed.make_mesh()
+    model = build.make_model(config)
+    tx, _ = build.make_optimizer(config, model)
+    init, _ = build.make_init(config, model, tx, mesh)
+    state = init()
+    rng = np.random.default_rng(0)
+    n, roi = jax.device_count(), tuple(config.data.roi)
+    batch = {
+        "image": rng.normal(size=(n, *roi, 1)).astype(np.float32),
+        "image_style": rng.normal(size=(n, *roi, 1)).astype(np.float32),
+        "label": rng.integers(0, 8, size=(n, *roi)).astype(np.int32),
+        "modality": (np.arange(n) % 2).astype(np.int32),
+    }
+    step = build.make_train_step(model, tx, build.make_loss(config), mesh, build.info_nce(config))
+    before = np.asarray(state.params[steps.INFO_NCE_HEAD]["fc1"]["kernel"])
+    state, metrics = step(state, batch)
+    assert int(metrics["finite"]) == 1 and float(metrics["info_nce"]) > 0
+    assert not np.array_equal(np.asarray(state.params[steps.INFO_NCE_HEAD]["fc1"]["kernel"]), before)
