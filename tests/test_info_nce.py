@@ -6,10 +6,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from _cli import load_config
 
-from cinjax import build, distributed, losses, steps
+from cinjax import build, checkpointing, distributed, losses, steps
 from cinjax.config import validate
 from cinjax.models.blocks.projection import ProjectionHead
 
@@ -143,19 +144,10 @@ def test_projection_head_matches_numpy(feats):
     np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_style_train_step_trains_the_projection_head(tmp_path):
-    """The product's train step on (original, restyled) pairs: with ``style.info_nce_projection`` the
-    head's params sit next to the model's and are updated with them, and the weights inference reads
-    from a checkpoint leave it out (the step without a head runs in the tiny single-source study,
-    tests/test_studies.py)."""
-    projection = 8
-    config = load_config("configs/demo.py")
-    with config.unlocked():
-        config.data.roi = (16, 16, 16)
-        config.model.channels, config.model.strides = (4, 8), (1, 2)
-        config.style.enabled, config.style.info_nce_weight = True, 0.5
-        config.style.info_nce_projection = projection
-        config.optim.schedule.warmup_steps = 0  # a non-zero first update
+def _one_style_step(config):
+    """``(params before, state after, metrics)`` of one product train step on random (original,
+    restyled) pairs, one pair per device, modalities alternating."""
+    config.optim.schedule.warmup_steps = 0  # a non-zero first update
     validate(config)
     mesh = distributed.make_mesh()
     model = build.make_model(config)
@@ -163,25 +155,45 @@ def test_style_train_step_trains_the_projection_head(tmp_path):
     init, abstract = build.make_init(config, model, tx, mesh)
     state = init()
     rng = np.random.default_rng(0)
-    n = 2 * jax.device_count()
+    n, roi = jax.device_count(), tuple(config.data.roi)
     batch = {
-        "image": rng.normal(size=(n, 16, 16, 16, 1)).astype(np.float32),
-        "image_style": rng.normal(size=(n, 16, 16, 16, 1)).astype(np.float32),
-        "label": rng.integers(0, 8, size=(n, 16, 16, 16)).astype(np.int32),
-        "modality": np.zeros((n,), np.int32),
+        "image": rng.normal(size=(n, *roi, 1)).astype(np.float32),
+        "image_style": rng.normal(size=(n, *roi, 1)).astype(np.float32),
+        "label": rng.integers(0, 8, size=(n, *roi)).astype(np.int32),
+        "modality": (np.arange(n) % 2).astype(np.int32),
     }
     step = build.make_train_step(model, tx, build.make_loss(config), mesh, build.info_nce(config))
     before = jax.tree.map(np.asarray, state.params)
     state, metrics = step(state, batch)
+    assert jax.tree.structure(abstract.params) == jax.tree.structure(state.params)
     assert int(metrics["finite"]) == 1 and float(metrics["info_nce"]) > 0
+    return before, state, metrics
+
+
+def test_style_train_step_trains_the_projection_head(tmp_path):
+    """The product's train step on (original, restyled) pairs: with ``style.info_nce_projection`` the
+    head's params sit next to the model's and are updated with them, and the weights inference reads
+    from a checkpoint leave it out (the step without a head runs in the tiny single-source study,
+    tests/test_studies.py)."""
+    config = load_config("configs/demo.py")
+    with config.unlocked():
+        config.data.roi = (16, 16, 16)
+        config.model.channels, config.model.strides = (4, 8), (1, 2)
+        config.style.enabled, config.style.info_nce_weight = True, 0.5
+        config.style.info_nce_projection = 8
+    before, state, _ = _one_style_step(config)
     head = state.params[steps.INFO_NCE_HEAD]
     channels = config.model.channels[1]  # down_0_0 (the default layer of a two-level UNet) outputs these
-    assert head["fc1"]["kernel"].shape == (channels, projection) and head["fc2"]["kernel"].shape == (8, 8)
-    assert jax.tree.structure(abstract.params) == jax.tree.structure(state.params)
+    assert head["fc1"]["kernel"].shape == (channels, 8) and head["fc2"]["kernel"].shape == (8, 8)
     for name in ("fc1", "fc2"):
         assert not np.array_equal(
             np.asarray(head[name]["kernel"]), before[steps.INFO_NCE_HEAD][name]["kernel"]
         )
+    step_dir = tmp_path / "1"
+    tree = {"params": jax.tree.map(np.asarray, state.params), "model_state": {}}
+    ocp.PyTreeCheckpointer().save(step_dir / checkpointing.STATE_ITEM, tree)
+    restored = checkpointing.restore_inference_variables(step_dir).params
+    assert set(restored) == set(state.params) - {steps.INFO_NCE_HEAD}
 
 
 @pytest.mark.slow
@@ -193,23 +205,6 @@ def test_style_train_step_on_swin_unetr(arg):
     with config.unlocked():
         config.style.enabled, config.style.info_nce_weight = True, 0.1
         config.style.info_nce_projection = 8
-        config.optim.schedule.warmup_steps = 0
-    validate(config)
-    mesh = distributed.make_mesh()
-    model = build.make_model(config)
-    tx, _ = build.make_optimizer(config, model)
-    init, _ = build.make_init(config, model, tx, mesh)
-    state = init()
-    rng = np.random.default_rng(0)
-    n, roi = jax.device_count(), tuple(config.data.roi)
-    batch = {
-        "image": rng.normal(size=(n, *roi, 1)).astype(np.float32),
-        "image_style": rng.normal(size=(n, *roi, 1)).astype(np.float32),
-        "label": rng.integers(0, 8, size=(n, *roi)).astype(np.int32),
-        "modality": (np.arange(n) % 2).astype(np.int32),
-    }
-    step = build.make_train_step(model, tx, build.make_loss(config), mesh, build.info_nce(config))
-    before = np.asarray(state.params[steps.INFO_NCE_HEAD]["fc1"]["kernel"])
-    state, metrics = step(state, batch)
-    assert int(metrics["finite"]) == 1 and float(metrics["info_nce"]) > 0
-    assert not np.array_equal(np.asarray(state.params[steps.INFO_NCE_HEAD]["fc1"]["kernel"]), before)
+    before, state, _ = _one_style_step(config)
+    kernel = np.asarray(state.params[steps.INFO_NCE_HEAD]["fc1"]["kernel"])
+    assert not np.array_equal(kernel, before[steps.INFO_NCE_HEAD]["fc1"]["kernel"])
