@@ -1,8 +1,8 @@
 """Pure train / predict step functions (jitted by the caller with explicit shardings).
 
-The train step never corrupts the state: if the loss, the gradient norm or any entry of the updated
-params or optimizer state is not finite (a finite gradient can still give a NaN update: Adam's 0/0 with
-``eps=0``, an overflowing learning rate), the update is skipped (params, optimizer state and step stay
+The train step never corrupts the state: if the loss, the gradient norm or the update's norm is not
+finite (a finite gradient can still give a NaN update: Adam's 0/0 with ``eps=0``, an overflowing
+learning rate), the update is skipped (params, optimizer state and step stay
 as they were) and ``metrics["finite"]`` is 0, so the host can stop with the last good state intact and
 name the step; a non-finite state is never returned, so it is never saved.
 """
