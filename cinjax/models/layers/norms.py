@@ -18,6 +18,8 @@ Blocks take a :class:`NormSpec` (which norm to build, hashable so it can be a mo
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +76,46 @@ def instance_normalize(x: jax.Array, eps: float = EPS) -> jax.Array:
     return (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + eps)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def instance_norm_affine(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = EPS) -> jax.Array:
+    """``instance_normalize(x) * scale + bias`` with a per-sample, per-channel affine (``scale`` and
+    ``bias`` of shape ``(B, C)``, fp32), in ``x``'s dtype.
+
+    Its hand-written backward pass makes two passes over ``x`` and the output gradient (one reduction for
+    the scale and bias gradients, one elementwise pass for ``dx``), where autodiff through the two-pass
+    moments makes several more. Statistics and gradients are fp32 whatever ``x``'s dtype.
+    """
+    return _instance_norm_affine_fwd(x, scale, bias, eps)[0]
+
+
+def _instance_norm_affine_fwd(x, scale, bias, eps):
+    axes = tuple(range(1, x.ndim - 1))
+    if not axes:
+        raise ValueError(f"Instance norm needs at least one spatial axis, got shape {x.shape}.")
+    mean, var = _moments(x, axes)
+    rstd = jax.lax.rsqrt(var + eps)
+    bshape = (x.shape[0],) + (1,) * len(axes) + (x.shape[-1],)
+    g, b = scale.astype(jnp.float32).reshape(bshape), bias.astype(jnp.float32).reshape(bshape)
+    y = (x.astype(jnp.float32) - mean) * (rstd * g) + b
+    return y.astype(x.dtype), (x, mean, rstd, g)
+
+
+def _instance_norm_affine_bwd(eps, residuals, dy):
+    x, mean, rstd, g = residuals
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1])
+    dy32 = dy.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dbias = jnp.sum(dy32, axis=axes, keepdims=True)
+    dscale = jnp.sum(dy32 * xhat, axis=axes, keepdims=True)
+    dx = (rstd * g) * (dy32 - dbias / count - xhat * (dscale / count))
+    shape = (x.shape[0], x.shape[-1])
+    return dx.astype(x.dtype), dscale.reshape(shape), dbias.reshape(shape)
+
+
+instance_norm_affine.defvjp(_instance_norm_affine_fwd, _instance_norm_affine_bwd)
+
+
 def layer_normalize(x: jax.Array, eps: float = EPS) -> jax.Array:
     """Normalise each position over the channel axis (fp32 result, no affine)."""
     mean, var = _moments(x, (x.ndim - 1,))
@@ -118,9 +160,7 @@ class ConditionalInstanceNorm(nn.Module):
         nan = jnp.float32(jnp.nan)
         g = jnp.where(valid[:, None], scale.astype(jnp.float32)[idx], nan)
         b = jnp.where(valid[:, None], bias.astype(jnp.float32)[idx], nan)
-        bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
-        y = instance_normalize(x, self.epsilon) * g.reshape(bshape) + b.reshape(bshape)
-        return y.astype(x.dtype)
+        return instance_norm_affine(x, g, b, self.epsilon)
 
 
 class InstanceNorm(nn.Module):
@@ -132,10 +172,13 @@ class InstanceNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
-        y = instance_normalize(x, self.epsilon)
-        if self.affine:
-            y = _channel_affine(self, y, self.param_dtype)
-        return y.astype(x.dtype)
+        if not self.affine:
+            return instance_normalize(x, self.epsilon).astype(x.dtype)
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        per_sample = lambda v: jnp.broadcast_to(v.astype(jnp.float32), (x.shape[0], c))  # noqa: E731
+        return instance_norm_affine(x, per_sample(scale), per_sample(bias), self.epsilon)
 
 
 class LayerNorm(nn.Module):
