@@ -210,3 +210,40 @@ def test_single_terms_by_name(golden):
         rtol=1e-5,
     )
     np.testing.assert_allclose(float(losses.get_loss("ce")(x, y)), np_ce(logits, labels), rtol=1e-5)
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("squared_pred", [True, False])
+@pytest.mark.parametrize("gamma", [2.0, 0.5])
+def test_fused_dice_focal_equals_its_two_terms_in_value_and_gradient(include_background, squared_pred, gamma):
+    """dice_focal_loss's one-pass forward and hand-written backward equal autodiff through dice_loss +
+    sigmoid_focal_loss, with absent classes, a smoothed numerator and an out-of-range label (one-hot zero)."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(2, 4, 5, 3, 5)) * 3, jnp.float32)
+    labels = rng.integers(0, 3, (2, 4, 5, 3)).astype(np.int32)  # classes 3 and 4 absent
+    labels[1, 0, 0, 0] = 7
+    labels = jnp.asarray(labels)
+    opts = dict(include_background=include_background, smooth_nr=1e-5, smooth_dr=1e-5)
+
+    def fused(x):
+        total, parts = losses.dice_focal_loss(
+            x, labels, squared_pred=squared_pred, gamma=gamma, lambda_dice=0.7, **opts
+        )
+        return total, parts
+
+    def reference(x):
+        d = losses.dice_loss(x, labels, squared_pred=squared_pred, **opts)
+        f = losses.sigmoid_focal_loss(x, labels, gamma=gamma, include_background=include_background)
+        return 0.7 * d + f, {"dice": d, "focal": f}
+
+    (got, got_parts), got_grad = jax.value_and_grad(fused, has_aux=True)(logits)
+    (want, want_parts), want_grad = jax.value_and_grad(reference, has_aux=True)(logits)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for name in ("dice", "focal"):
+        np.testing.assert_allclose(float(got_parts[name]), float(want_parts[name]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-4, atol=1e-9)
+    # Each term's gradient on its own (the two cotangents of the fused op).
+    for name in ("dice", "focal"):
+        g1 = jax.grad(lambda x, n=name: fused(x)[1][n])(logits)
+        g2 = jax.grad(lambda x, n=name: reference(x)[1][n])(logits)
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-9)
