@@ -11,6 +11,9 @@ and the result is cast back to the input dtype.
 * :class:`InstanceNorm` (``instance``; affine or not), :class:`LayerNorm` (``layer``, over channels),
   :class:`BatchNorm` (``batch``), :class:`GroupNorm` (``group``).
 
+CIN and the affine instance norm go through :func:`instance_norm_affine`, whose backward pass is
+written by hand (fewer passes over the activations than autodiff's).
+
 Blocks take a :class:`NormSpec` (which norm to build, hashable so it can be a module field) and call
 ``spec.make(module_name)``; nets turn their config fields (``encoder_norm``, ``norm_affine``, ...) into specs.
 """
