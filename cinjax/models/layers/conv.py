@@ -80,10 +80,11 @@ def conv3d(
 def _conv3d_depth2d(x, kernel, strides, padding, precision):
     """Sum over depth offsets ``a`` of 2D convs of depth slices (one (B*D', H, W, C) batch each).
 
-    Stride 1 along depth: every offset convolves the whole unpadded input (no copy of it) and the
-    outputs are shifted along depth and summed in one fused pass (the border slices a shift drops are
-    the only extra work). A depth stride convolves the strided slices ``a, a+s, a+2s, ...`` of the
-    padded input instead.
+    Stride 1 along depth: every offset convolves the whole unpadded input (no copy of it) and each
+    output is added, shifted along depth, into the slices of the centre offset's output in place (the
+    border slices a shift drops are the only extra work; zero-padding the shifted outputs and summing
+    them instead cost XLA:CPU two more full passes per conv). A depth stride convolves the strided slices
+    ``a, a+s, a+2s, ...`` of the padded input instead.
     """
     b, d, h, w, c = x.shape
     kd = kernel.shape[0]
@@ -103,19 +104,21 @@ def _conv3d_depth2d(x, kernel, strides, padding, precision):
         )
         return y.reshape(slices.shape[0], slices.shape[1], *y.shape[1:])
 
+    if sd == 1:
+        # out[o] += y_a[o + a - pd_lo] wherever that input slice exists (zero padding elsewhere).
+        ys = [conv2d(x, kernel[a]) for a in range(kd)]
+        centre = pd_lo if 0 <= pd_lo < kd and d_out == d else None
+        out = ys[centre] if centre is not None else jnp.zeros((b, d_out, *ys[0].shape[2:]), ys[0].dtype)
+        for a in range(kd):
+            lo = a - pd_lo
+            start, stop = max(lo, 0), min(lo + d_out, d)
+            if a != centre and stop > start:
+                out = out.at[:, start - lo : stop - lo].add(ys[a][:, start:stop])
+        return out
+    xp = jnp.pad(x, ((0, 0), (pd_lo, pd_hi), (0, 0), (0, 0), (0, 0)))
     out = None
     for a in range(kd):
-        if sd == 1:
-            # out[o] += y[o + a - pd_lo] wherever that input slice exists (zero padding elsewhere).
-            y = conv2d(x, kernel[a])
-            lo = a - pd_lo
-            src = y[:, max(lo, 0) : min(lo + d_out, d)]
-            y = jnp.pad(
-                src, ((0, 0), (max(-lo, 0), d_out - src.shape[1] - max(-lo, 0)), (0, 0), (0, 0), (0, 0))
-            )
-        else:
-            xp = jnp.pad(x, ((0, 0), (pd_lo, pd_hi), (0, 0), (0, 0), (0, 0)))
-            y = conv2d(lax.slice_in_dim(xp, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1), kernel[a])
+        y = conv2d(lax.slice_in_dim(xp, a, a + sd * (d_out - 1) + 1, stride=sd, axis=1), kernel[a])
         out = y if out is None else out + y
     return out
 
