@@ -38,8 +38,8 @@ Array = jax.Array
 LOSS_NAMES = ("dice_focal", "generalized_dice_focal", "dice_ce", "dice", "generalized_dice", "focal", "ce")
 
 
-def _prepare(logits: Array, labels: Array) -> tuple[Array, Array]:
-    """Returns float32 logits (B, V, K) and a float32 one-hot target (B, V, K)."""
+def _flatten(logits: Array, labels: Array) -> tuple[Array, Array]:
+    """Checks the shapes; returns float32 logits (B, V, K) and integer labels (B, V)."""
     if logits.ndim < 3:
         raise ValueError(f"logits must be channels-last (B, ..., K), got shape {logits.shape}.")
     if labels.ndim == logits.ndim and labels.shape[-1] == 1:
@@ -49,18 +49,28 @@ def _prepare(logits: Array, labels: Array) -> tuple[Array, Array]:
             f"labels shape {labels.shape} does not match logits {logits.shape} without the class axis; "
             "pass integer labels of shape (B, D, H, W) (or (B, D, H, W, 1))."
         )
-    num_classes = logits.shape[-1]
-    x = logits.astype(jnp.float32).reshape(logits.shape[0], -1, num_classes)
-    t = jax.nn.one_hot(labels.astype(jnp.int32).reshape(labels.shape[0], -1), num_classes, dtype=jnp.float32)
-    return x, t
+    x = logits.astype(jnp.float32).reshape(logits.shape[0], -1, logits.shape[-1])
+    return x, labels.astype(jnp.int32).reshape(labels.shape[0], -1)
+
+
+def _prepare(logits: Array, labels: Array) -> tuple[Array, Array]:
+    """Returns float32 logits (B, V, K) and a float32 one-hot target (B, V, K)."""
+    x, labels = _flatten(logits, labels)
+    return x, jax.nn.one_hot(labels, x.shape[-1], dtype=jnp.float32)
+
+
+def _first_class(include_background: bool, num_classes: int) -> int:
+    """The first class the Dice and focal terms use: 0, or 1 without the background."""
+    if include_background:
+        return 0
+    if num_classes < 2:
+        raise ValueError("include_background=False needs at least two classes.")
+    return 1
 
 
 def _drop_background(*arrays: Array, include_background: bool) -> tuple[Array, ...]:
-    if include_background:
-        return arrays
-    if arrays[0].shape[-1] < 2:
-        raise ValueError("include_background=False needs at least two classes.")
-    return tuple(a[..., 1:] for a in arrays)
+    first = _first_class(include_background, arrays[0].shape[-1])
+    return tuple(a[..., first:] for a in arrays)
 
 
 def dice_loss(
@@ -145,19 +155,10 @@ def dice_focal_loss(
     The same values as ``dice_loss`` plus ``sigmoid_focal_loss``, computed in one pass with a hand-written
     backward pass (:func:`_dice_focal_terms`).
     """
-    x, _ = _prepare(logits, labels)
-    if not include_background and x.shape[-1] < 2:
-        raise ValueError("include_background=False needs at least two classes.")
-    if labels.ndim == logits.ndim:
-        labels = labels[..., 0]
-    options = (
-        int(not include_background),
-        bool(squared_pred),
-        float(smooth_nr),
-        float(smooth_dr),
-        float(gamma),
-    )
-    d, f = _dice_focal_terms(x, labels.reshape(labels.shape[0], -1), options)
+    x, labels = _flatten(logits, labels)
+    first = _first_class(include_background, x.shape[-1])
+    options = (first, bool(squared_pred), float(smooth_nr), float(smooth_dr), float(gamma))
+    d, f = _dice_focal_terms(x, labels, options)
     return lambda_dice * d + lambda_focal * f, {"dice": d, "focal": f}
 
 
@@ -185,7 +186,7 @@ def _dice_focal_terms(x: Array, labels: Array, options: tuple) -> tuple[Array, A
 
 def _dice_focal_common(x, labels, first):
     k = x.shape[-1]
-    hot = labels.astype(jnp.int32)[..., None] == jnp.arange(k)
+    hot = labels[..., None] == jnp.arange(k)
     used = jnp.arange(k) >= first
     return hot, used, jax.nn.softmax(x, axis=-1)
 

@@ -232,9 +232,12 @@ class Conv3d(nn.Module):
         y, start = None, 0
         for part in parts:
             stop = start + part.shape[-1]
-            block = kernel[..., start:stop, :]
             term = conv3d(
-                part.astype(dtype), block, strides=self.strides, padding=self.padding, impl=self.conv_impl
+                part.astype(dtype),
+                kernel[..., start:stop, :],
+                strides=self.strides,
+                padding=self.padding,
+                impl=self.conv_impl,
             )
             y, start = (term if y is None else y + term), stop
         if self.use_bias:
