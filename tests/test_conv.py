@@ -55,16 +55,55 @@ def test_lowerings_equal_lax_values_and_gradients(kernel, stride, padding, impl)
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
 
 
+def _in_plane_stride_1(stride):
+    return (stride,) * 2 == (1, 1) if isinstance(stride, int) else tuple(stride[1:]) == (1, 1)
+
+
+# Output-gradient patches need height and width stride 1 (refusing the others is tested below).
+KERNEL_GRAD_CASES = [(*case, "input") for case in CASES] + [
+    (*case, "output_grad") for case in CASES if _in_plane_stride_1(case[1])
+]
+
+
+@pytest.mark.parametrize("kernel, stride, padding, patches", KERNEL_GRAD_CASES)
 @pytest.mark.parametrize("block_bytes", [1, 1 << 20])
-def test_blocked_kernel_gradient_any_block_size(block_bytes, monkeypatch):
-    """One output row per block, or the whole plane: the same kernel gradient."""
+def test_blocked_kernel_gradient_equals_autodiff(kernel, stride, padding, block_bytes, patches, monkeypatch):
+    """Either operand as the im2col patches, one row per block or the whole plane: lax's gradient."""
+    stride = (stride,) * 3 if isinstance(stride, int) else stride
     monkeypatch.setattr(conv_module, "PATCH_BLOCK_BYTES", block_bytes)
-    kernel, stride, padding = (3, 1, 2), (2, 1, 1), ((1, 1), (0, 0), (1, 0))
-    x, w = _data(kernel, shape=(2, 7, 6, 5))
+    x, w = _data(kernel, c_in=5, c_out=3, shape=(2, 7, 6, 5))
     y, vjp = jax.vjp(lambda w: conv3d(x, w, strides=stride, padding=padding, impl="lax"), w)
     dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
-    got = jax.jit(kernel_grad_blocked, static_argnums=(2, 3, 4))(x, dy, kernel, stride, padding)
-    np.testing.assert_allclose(got, vjp(dy)[0], atol=1e-5 * np.abs(np.asarray(vjp(dy)[0])).max())
+    padding = padding if padding is not None else same_padding(w.shape[:3])
+    got = jax.jit(kernel_grad_blocked, static_argnums=(2, 3, 4, 5))(
+        x, dy, w.shape[:3], stride, padding, patches
+    )
+    want = vjp(dy)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
+
+
+def test_blocked_kernel_gradient_refuses_output_grad_patches_for_in_plane_strides():
+    x, w = _data(3)
+    with pytest.raises(ValueError, match="height and width stride 1"):
+        kernel_grad_blocked(
+            x, np.zeros((2, 4, 3, 3, 4), np.float32), (3, 3, 3), (2, 2, 2), same_padding(3), "output_grad"
+        )
+
+
+def test_blocked_kernel_gradient_auto_picks_output_grad_patches_for_wide_inputs(monkeypatch):
+    """The product's path (``"auto"``) takes the output-gradient patches on 16+ input channels."""
+    calls = []
+    real = conv_module._kernel_grad_output_grad_patches
+    monkeypatch.setattr(
+        conv_module, "_kernel_grad_output_grad_patches", lambda *a: calls.append(1) or real(*a)
+    )
+    x, w = _data(3, c_in=16, c_out=8, shape=(1, 3, 16, 16))
+    y, vjp = jax.vjp(lambda w: conv3d(x, w, impl="lax"), w)
+    dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
+    got = kernel_grad_blocked(x, dy, (3, 3, 3), (1, 1, 1), same_padding(3))
+    assert calls, "auto did not take the output-gradient patches"
+    want = vjp(dy)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
 
 
 TORCH_CASES = [(3, 1, None), (3, 2, None), (1, 1, ((0, 0),) * 3), (2, 2, ((0, 0),) * 3)]
