@@ -11,6 +11,7 @@ import torch
 from cinjax.models.convert.common import conv_kernel
 from cinjax.models.layers import conv as conv_module
 from cinjax.models.layers.conv import Conv3d, conv3d, kernel_grad_blocked, resolve_conv_impl, same_padding
+from cinjax.shapes import triple
 
 CASES = [
     # kernel, stride, padding
@@ -55,13 +56,16 @@ def test_lowerings_equal_lax_values_and_gradients(kernel, stride, padding, impl)
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
 
 
-def _in_plane_stride_1(stride):
-    return (stride,) * 2 == (1, 1) if isinstance(stride, int) else tuple(stride[1:]) == (1, 1)
+def _autodiff_kernel_grad(x, w, stride, padding):
+    """A random output gradient ``dy`` and lax's kernel gradient for it."""
+    y, vjp = jax.vjp(lambda w: conv3d(x, w, strides=stride, padding=padding, impl="lax"), w)
+    dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
+    return dy, vjp(dy)[0]
 
 
 # Output-gradient patches need height and width stride 1 (refusing the others is tested below).
 KERNEL_GRAD_CASES = [(*case, "input") for case in CASES] + [
-    (*case, "output_grad") for case in CASES if _in_plane_stride_1(case[1])
+    (*case, "output_grad") for case in CASES if triple(case[1], "stride")[1:] == (1, 1)
 ]
 
 
@@ -69,21 +73,18 @@ KERNEL_GRAD_CASES = [(*case, "input") for case in CASES] + [
 @pytest.mark.parametrize("block_bytes", [1, 1 << 20])
 def test_blocked_kernel_gradient_equals_autodiff(kernel, stride, padding, block_bytes, patches, monkeypatch):
     """Either operand as the im2col patches, one row per block or the whole plane: lax's gradient."""
-    stride = (stride,) * 3 if isinstance(stride, int) else stride
     monkeypatch.setattr(conv_module, "PATCH_BLOCK_BYTES", block_bytes)
     x, w = _data(kernel, c_in=5, c_out=3, shape=(2, 7, 6, 5))
-    y, vjp = jax.vjp(lambda w: conv3d(x, w, strides=stride, padding=padding, impl="lax"), w)
-    dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
+    dy, want = _autodiff_kernel_grad(x, w, stride, padding)
     padding = padding if padding is not None else same_padding(w.shape[:3])
     got = jax.jit(kernel_grad_blocked, static_argnums=(2, 3, 4, 5))(
-        x, dy, w.shape[:3], stride, padding, patches
+        x, dy, w.shape[:3], triple(stride, "stride"), padding, patches
     )
-    want = vjp(dy)[0]
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
 
 
 def test_blocked_kernel_gradient_refuses_output_grad_patches_for_in_plane_strides():
-    x, w = _data(3)
+    x, _ = _data(3)
     with pytest.raises(ValueError, match="height and width stride 1"):
         kernel_grad_blocked(
             x, np.zeros((2, 4, 3, 3, 4), np.float32), (3, 3, 3), (2, 2, 2), same_padding(3), "output_grad"
@@ -98,11 +99,9 @@ def test_blocked_kernel_gradient_auto_picks_output_grad_patches_for_wide_inputs(
         conv_module, "_kernel_grad_output_grad_patches", lambda *a: calls.append(1) or real(*a)
     )
     x, w = _data(3, c_in=16, c_out=8, shape=(1, 3, 16, 16))
-    y, vjp = jax.vjp(lambda w: conv3d(x, w, impl="lax"), w)
-    dy = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
+    dy, want = _autodiff_kernel_grad(x, w, 1, None)
     got = kernel_grad_blocked(x, dy, (3, 3, 3), (1, 1, 1), same_padding(3))
     assert calls, "auto did not take the output-gradient patches"
-    want = vjp(dy)[0]
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
 
 
