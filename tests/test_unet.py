@@ -158,8 +158,10 @@ def test_lax_and_depth2d_lowerings_agree(setup, jax_logits):
     s = setup
     other = "lax" if _make_model().conv_impl == "auto" and jax.default_backend() == "cpu" else "depth2d"
     out = jax.jit(_make_model(conv_impl=other).apply)({"params": s["params"]}, s["x"], s["modality"])
+    # fp32 through 12 convs and norms in two summation orders: a few ulps of the largest logit apart
+    # (up to 1.05e-6 of it seen on an AVX-512 VM), while a wrong tap or offset moves logits by > 1e-2.
     scale = np.abs(jax_logits).max()
-    np.testing.assert_allclose(np.asarray(out), jax_logits, atol=1e-6 * scale)
+    np.testing.assert_allclose(np.asarray(out), jax_logits, atol=5e-6 * scale)
 
 
 TINY = dict(out_channels=2, channels=(2, 4), strides=(1, 2), num_res_units=1, conv_impl="lax")
