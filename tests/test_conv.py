@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax import lax
 
 from cinjax.models.convert.common import conv_kernel
 from cinjax.models.layers import conv as conv_module
@@ -28,7 +29,7 @@ CASES = [
 ]
 
 
-def _data(kernel, c_in=3, c_out=4, shape=(2, 7, 6, 5)):
+def _data(kernel, c_in=3, c_out=4, shape=(2, 7, 6, 4)):
     k = (kernel,) * 3 if isinstance(kernel, int) else kernel
     rng = np.random.default_rng(0)
     x = rng.standard_normal((*shape, c_in)).astype(np.float32)
@@ -39,6 +40,7 @@ def _data(kernel, c_in=3, c_out=4, shape=(2, 7, 6, 5)):
 @pytest.mark.parametrize("impl", ["depth2d", "cpu"])
 @pytest.mark.parametrize("kernel, stride, padding", CASES)
 def test_lowerings_equal_lax_values_and_gradients(kernel, stride, padding, impl):
+    """Height and width 6 x 4: the stride-2 cases take the phased input gradient (divisible sizes)."""
     x, w = _data(kernel)
 
     def f(impl):
@@ -54,6 +56,41 @@ def test_lowerings_equal_lax_values_and_gradients(kernel, stride, padding, impl)
     # Equal up to float summation order: tolerances relative to each tensor's magnitude.
     for got, want in ((y_d2, y_lax), (gx_d2, gx_lax), (gw_d2, gw_lax)):
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
+
+
+def test_strided_conv2d_input_gradient_by_phases_equals_autodiff():
+    """One stride-1 conv per output phase gives lax's input gradient of a strided 2D conv: kernels
+    smaller than, equal to and larger than the stride, asymmetric and over-wide paddings."""
+    rng = np.random.default_rng(3)
+    dn = ("NHWC", "HWIO", "NHWC")
+    for kh, kw in [(3, 3), (2, 2), (1, 1), (5, 3)]:
+        for stride in [(2, 2), (3, 2), (1, 2)]:
+            for padding in [((1, 1), (1, 1)), ((0, 0), (0, 0)), ((2, 0), (0, 1)), ((0, 2), (1, 0))]:
+                x = rng.standard_normal((2, 12, 6, 3)).astype(np.float32)
+                k = rng.standard_normal((kh, kw, 3, 4)).astype(np.float32)
+                y, vjp = jax.vjp(
+                    lambda x, k=k, s=stride, p=padding: lax.conv_general_dilated(
+                        x, k, s, p, dimension_numbers=dn
+                    ),
+                    x,
+                )
+                dy = rng.standard_normal(y.shape).astype(np.float32)
+                got = conv_module.conv2d_input_grad_phases(
+                    jnp.asarray(dy), jnp.asarray(k), stride, padding, (12, 6)
+                )
+                want = vjp(jnp.asarray(dy))[0]
+                np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
+
+
+def test_strided_conv_of_an_indivisible_size_keeps_xla_gradient():
+    """Widths not divisible by the stride have unequal phases: the lowering keeps XLA's input gradient."""
+    assert conv_module._phases_apply((6, 4), (2, 2)) and not conv_module._phases_apply((6, 5), (2, 2))
+    x, w = _data(3, shape=(1, 4, 6, 5))
+    grads = [
+        jax.grad(lambda x, impl=impl: jnp.sum(jnp.sin(conv3d(x, w, strides=2, impl=impl))))(x)
+        for impl in ("lax", "cpu")
+    ]
+    np.testing.assert_allclose(grads[1], grads[0], atol=1e-5 * np.abs(np.asarray(grads[0])).max())
 
 
 def _autodiff_kernel_grad(x, w, stride, padding):
