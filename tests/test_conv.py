@@ -62,7 +62,6 @@ def test_strided_conv2d_input_gradient_by_phases_equals_autodiff():
     """One stride-1 conv per output phase gives lax's input gradient of a strided 2D conv: kernels
     smaller than, equal to and larger than the stride, asymmetric and over-wide paddings."""
     rng = np.random.default_rng(3)
-    dn = ("NHWC", "HWIO", "NHWC")
     for kh, kw in [(3, 3), (2, 2), (1, 1), (5, 3)]:
         for stride in [(2, 2), (3, 2), (1, 2)]:
             for padding in [((1, 1), (1, 1)), ((0, 0), (0, 0)), ((2, 0), (0, 1)), ((0, 2), (1, 0))]:
@@ -70,7 +69,7 @@ def test_strided_conv2d_input_gradient_by_phases_equals_autodiff():
                 k = rng.standard_normal((kh, kw, 3, 4)).astype(np.float32)
                 y, vjp = jax.vjp(
                     lambda x, k=k, s=stride, p=padding: lax.conv_general_dilated(
-                        x, k, s, p, dimension_numbers=dn
+                        x, k, s, p, dimension_numbers=conv_module._DN2
                     ),
                     x,
                 )

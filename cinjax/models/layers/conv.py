@@ -120,12 +120,16 @@ def _conv3d_depth2d(x, kernel, strides, padding, precision):
 _DN2 = ("NHWC", "HWIO", "NHWC")
 
 
+def _lax_conv2d(x, k, strides, padding, precision):
+    return lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=_DN2, precision=precision)
+
+
 def _conv2d(x, k, strides, padding, precision):
     """2D conv (NHWC, HWIO) of the depth-sliced lowering; strided convs get :func:`_conv2d_phased`'s
     input gradient where it applies."""
     if strides != (1, 1) and _phases_apply(x.shape[1:3], strides):
         return _conv2d_phased(x, k, strides, tuple(tuple(p) for p in padding), precision)
-    return lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=_DN2, precision=precision)
+    return _lax_conv2d(x, k, strides, padding, precision)
 
 
 def _phases_apply(in_hw, strides) -> bool:
@@ -134,7 +138,7 @@ def _phases_apply(in_hw, strides) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv2d_phased(x, k, strides, padding, precision):
-    return lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=_DN2, precision=precision)
+    return _lax_conv2d(x, k, strides, padding, precision)
 
 
 def _conv2d_phased_fwd(x, k, strides, padding, precision):
@@ -143,12 +147,7 @@ def _conv2d_phased_fwd(x, k, strides, padding, precision):
 
 def _conv2d_phased_bwd(strides, padding, precision, residuals, dy):
     x, k = residuals
-    _, kernel_vjp = jax.vjp(
-        lambda w: lax.conv_general_dilated(
-            x, w, strides, padding, dimension_numbers=_DN2, precision=precision
-        ),
-        k,
-    )
+    _, kernel_vjp = jax.vjp(lambda w: _lax_conv2d(x, w, strides, padding, precision), k)
     dx = conv2d_input_grad_phases(dy, k, strides, padding, x.shape[1:3], precision)
     return dx.astype(x.dtype), kernel_vjp(dy)[0]
 
@@ -176,11 +175,11 @@ def conv2d_input_grad_phases(
     kh, kw, ci, _ = k.shape
     n, oh, ow, _ = dy.shape
     (sh, sw), (h, w) = strides, in_hw
+    mh, mw = h // sh, w // sw
     phases = []
     for p in range(sh):
         row = []
         for q in range(sw):
-            mh, mw = h // sh, w // sw
             taps_h = [t for t in range(kh) if (p + padding[0][0] - t) % sh == 0]
             taps_w = [t for t in range(kw) if (q + padding[1][0] - t) % sw == 0]
             if not taps_h or not taps_w:
@@ -194,11 +193,7 @@ def conv2d_input_grad_phases(
             # dy rows lo_h .. lo_h + mh + len(taps_h) - 2 (zero outside [0, oh)), likewise columns;
             # cut and zero-padded explicitly (XLA:CPU's conv gave garbage for some negative paddings).
             window = _zero_extended(dy, (lo_h, lo_w), (mh + len(taps_h) - 1, mw + len(taps_w) - 1))
-            row.append(
-                lax.conv_general_dilated(
-                    window, sub, (1, 1), "VALID", dimension_numbers=_DN2, precision=precision
-                )
-            )
+            row.append(_lax_conv2d(window, sub, (1, 1), "VALID", precision))
         phases.append(jnp.stack(row, axis=3))
     return jnp.stack(phases, axis=2).reshape(n, h, w, ci)
 
