@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from cinjax import checkpointing, runspec
+from cinjax.models.layers.norms import CIN_PARAMS, cin_layers
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ DISTANCES_PNG = "distances.png"
 WRONG_MODALITY_PNG = "wrong_modality.png"
 DEFAULT_OUT = "cin_analysis"
 SPLITS = ("training", "validation", "test")
-QUANTITIES = ("scale", "bias")
+QUANTITIES = CIN_PARAMS
 
 
 class CINAnalysisError(ValueError):
@@ -58,29 +59,14 @@ class CINAnalysisError(ValueError):
 
 
 def cin_tables(params: Mapping[str, Any], num_modalities: int) -> dict[str, dict[str, np.ndarray]]:
-    """Every CIN table of a params tree: ``{layer path: {"scale": (M, C), "bias": (M, C)}}``.
+    """Every CIN table of a params tree: ``{layer path: {"scale": (M, C), "bias": (M, C)}}`` (float64).
 
-    A CIN layer is a module whose params are exactly ``scale`` and ``bias`` of one shape ``(M, C)`` with
-    ``M == num_modalities`` (:class:`cinjax.models.layers.norms.ConditionalInstanceNorm`); the other norms
-    keep ``(C,)`` vectors. The layer name is the module path (``down_0_0/unit0/norm``); layers come in
-    natural order of their names (``encoder2`` before ``encoder10``; Flax trees are sorted as strings).
+    The layers are :func:`cinjax.models.layers.norms.cin_layers`, in natural order of their names
+    (``encoder2`` before ``encoder10``; Flax trees are sorted as strings).
     """
-    if set(params) == {"params"} and isinstance(params["params"], Mapping):
-        params = params["params"]
-    found: dict[str, dict[str, np.ndarray]] = {}
-
-    def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
-        if set(node) == set(QUANTITIES) and not any(isinstance(node[q], Mapping) for q in QUANTITIES):
-            scale, bias = (np.asarray(node[q], np.float64) for q in QUANTITIES)
-            if scale.ndim == 2 and scale.shape == bias.shape and scale.shape[0] == num_modalities:
-                found["/".join(path)] = {"scale": scale, "bias": bias}
-            return
-        for key, child in node.items():
-            if isinstance(child, Mapping):
-                walk(child, (*path, str(key)))
-
-    walk(params, ())
-    return {k: found[k] for k in sorted(found, key=_natural_key)}
+    found = cin_layers(params, num_modalities)
+    order = sorted(found, key=_natural_key)
+    return {k: {q: np.asarray(found[k][q], np.float64) for q in QUANTITIES} for k in order}
 
 
 def _natural_key(name: str) -> list[Any]:

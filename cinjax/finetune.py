@@ -36,6 +36,7 @@ from absl import logging
 
 from cinjax import checkpointing, runspec
 from cinjax.config import ConfigError
+from cinjax.models.layers.norms import CIN_PARAMS, cin_layers
 
 TRAINABLE = ("all", "new_modalities", "new_modalities+head")
 HEAD = "out"  # the output head's top-level module in every net (cinjax.models)
@@ -64,27 +65,15 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(flax.core.unfreeze(tree))[0]}
 
 
-def cin_tables(model_cfg: dict[str, Any], roi: tuple[int, ...]) -> set[str]:
-    """Paths (``a/b/scale``) of the parameters with one row per modality, found by building the model
-    for ``num_modalities`` and one more and keeping the leaves whose leading axis grew."""
-    from cinjax.models import build_model
-
-    def shapes(m: int) -> dict[str, tuple[int, ...]]:
-        model = build_model(dict(model_cfg, num_modalities=m))
-        image = jnp.zeros((1, *roi, 1), jnp.float32)
-        modality = jnp.zeros((1,), jnp.int32)
-        tree = jax.eval_shape(lambda: model.init(jax.random.key(0), image, modality, train=False))
-        return {k: v.shape for k, v in _flat(tree.get("params", {})).items()}
-
-    m = int(model_cfg["num_modalities"])
-    small, large = shapes(m), shapes(m + 1)
-    return {k for k, s in small.items() if s and large[k][0] == s[0] + 1 and large[k][1:] == s[1:]}
+def cin_table_paths(abstract_params: Any, num_modalities: int) -> set[str]:
+    """Paths (``a/b/scale``, ``a/b/bias``) of the parameters with one row per modality: the tables of
+    :func:`cinjax.models.layers.norms.cin_layers`."""
+    layers = cin_layers(flax.core.unfreeze(abstract_params), num_modalities)
+    return {f"{layer}/{q}" for layer in layers for q in CIN_PARAMS}
 
 
-def _model_cfg(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    cfg = config.model.to_dict()
-    cfg.setdefault("num_modalities", len(config.data.modalities))
-    return cfg
+def _num_modalities(config: ml_collections.ConfigDict) -> int:
+    return int(config.model.get("num_modalities", len(config.data.modalities)))
 
 
 def load_source(config: ml_collections.ConfigDict, abstract_params: Any) -> Source:
@@ -104,7 +93,7 @@ def load_source(config: ml_collections.ConfigDict, abstract_params: Any) -> Sour
             f"config.finetune.new_modality_init={init!r} is not a modality of {fc.init_from} "
             f"({sorted(src_rows)}); use 'mean' or one of those."
         )
-    tables = cin_tables(_model_cfg(config), tuple(config.data.roi))
+    tables = cin_table_paths(abstract_params, _num_modalities(config))
     target = _flat(abstract_params)
     source = _flat(variables.params)
     missing = sorted(set(target) - set(source))
@@ -190,7 +179,7 @@ def trainable_mask(config: ml_collections.ConfigDict, abstract_params: Any) -> A
             f"({sorted(config.data.modalities)}) is already in {fc.init_from}: add the new modality to "
             "data.modalities (with its datalist), or use finetune.trainable='all'."
         )
-    tables = cin_tables(_model_cfg(config), tuple(config.data.roi))
+    tables = cin_table_paths(abstract_params, _num_modalities(config))
     head = fc.trainable == "new_modalities+head"
     masks = {}
     for key, abstract in _flat(abstract_params).items():

@@ -15,6 +15,7 @@ from cinjax.models.layers.norms import (
     LayerNorm,
     NormSpec,
     check_modality_ids,
+    cin_layers,
     instance_norm_affine,
     layer_normalize,
     make_norm,
@@ -274,3 +275,33 @@ def test_instance_norm_affine_bf16_gradients_match_fp32():
     assert y16.dtype == jnp.bfloat16
     for got, want in zip(vjp16(dy.astype(jnp.bfloat16)), vjp32(dy), strict=True):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "model_cfg, roi",
+    [
+        (
+            dict(name="unet_vanilla", out_channels=3, channels=(4, 8), strides=(1, 2), num_res_units=1),
+            (16,) * 3,
+        ),
+        (dict(name="swin_unetr", out_channels=3, feature_size=12, num_heads=3), (32, 32, 64)),
+    ],
+)
+def test_cin_layers_are_the_params_with_one_row_per_modality(model_cfg, roi):
+    """Fine-tuning and the CIN analysis find the tables by structure; independently, they are exactly
+    the parameters whose leading axis grows by one with one more modality. Shapes alone suffice."""
+    from cinjax.models import build_model
+
+    def shapes(m):
+        model = build_model(dict(model_cfg, num_modalities=m))
+        image, modality = jnp.zeros((1, *roi, 1)), jnp.zeros((1,), jnp.int32)
+        tree = jax.eval_shape(lambda: model.init(jax.random.key(0), image, modality))["params"]
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return tree, {"/".join(k.key for k in path): leaf.shape for path, leaf in leaves}
+
+    tree, small = shapes(2)
+    _, large = shapes(3)
+    grown = {k for k, s in small.items() if s and large[k] == (s[0] + 1, *s[1:])}
+    found = cin_layers({"params": tree}, 2)
+    assert grown and {f"{layer}/{q}" for layer in found for q in ("scale", "bias")} == grown
+    assert cin_layers(tree, 3) == {}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -130,6 +130,35 @@ def _channel_affine(module: nn.Module, y: jax.Array, param_dtype: Any) -> jax.Ar
     c = y.shape[-1]
     y = y * module.param("scale", nn.initializers.ones, (c,), param_dtype).astype(jnp.float32)
     return y + module.param("bias", nn.initializers.zeros, (c,), param_dtype).astype(jnp.float32)
+
+
+CIN_PARAMS = ("scale", "bias")
+
+
+def cin_layers(params: Mapping[str, Any], num_modalities: int) -> dict[str, Mapping[str, Any]]:
+    """Every :class:`ConditionalInstanceNorm` of a params tree: ``{module path: {"scale", "bias"}}``.
+
+    A CIN layer is a module whose params are exactly ``scale`` and ``bias``, both of one shape ``(M, C)``
+    with ``M == num_modalities``; every other norm keeps ``(C,)`` vectors. Paths join the module names
+    with ``/`` (``down_0_0/unit0/norm``). The leaves may be arrays or shapes only (``jax.eval_shape``),
+    so fine-tuning can find the tables of a model it has not built yet.
+    """
+    if set(params) == {"params"} and isinstance(params["params"], Mapping):
+        params = params["params"]
+    found: dict[str, Mapping[str, Any]] = {}
+
+    def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
+        if set(node) == set(CIN_PARAMS) and not any(isinstance(node[q], Mapping) for q in CIN_PARAMS):
+            scale, bias = (getattr(node[q], "shape", None) for q in CIN_PARAMS)
+            if scale is not None and len(scale) == 2 and scale == bias and scale[0] == num_modalities:
+                found["/".join(path)] = node
+            return
+        for key, child in node.items():
+            if isinstance(child, Mapping):
+                walk(child, (*path, str(key)))
+
+    walk(params, ())
+    return found
 
 
 class ConditionalInstanceNorm(nn.Module):
