@@ -48,7 +48,6 @@ DISTANCES_PNG = "distances.png"
 WRONG_MODALITY_PNG = "wrong_modality.png"
 DEFAULT_OUT = "cin_analysis"
 SPLITS = ("training", "validation", "test")
-QUANTITIES = CIN_PARAMS
 
 
 class CINAnalysisError(ValueError):
@@ -66,7 +65,7 @@ def cin_tables(params: Mapping[str, Any], num_modalities: int) -> dict[str, dict
     """
     found = cin_layers(params, num_modalities)
     order = sorted(found, key=_natural_key)
-    return {k: {q: np.asarray(found[k][q], np.float64) for q in QUANTITIES} for k in order}
+    return {k: {q: np.asarray(found[k][q], np.float64) for q in CIN_PARAMS} for k in order}
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -122,9 +121,9 @@ def summarize_layers(layers: Mapping[str, Mapping[str, Any]], names: Sequence[st
     for layer, e in layers.items():
         mean = {
             q: float(np.mean([e["distance"][q][a][b] for a, b in pairs])) if pairs else math.nan
-            for q in QUANTITIES
+            for q in CIN_PARAMS
         }
-        ranking.append({"layer": layer, **{f"{q}_distance": mean[q] for q in QUANTITIES}})
+        ranking.append({"layer": layer, **{f"{q}_distance": mean[q] for q in CIN_PARAMS}})
         ranking[-1]["combined"] = mean["scale"] + mean["bias"]
     ranking.sort(key=lambda r: (math.isnan(r["combined"]), -r["combined"]))
     by_pair = {}
@@ -134,7 +133,7 @@ def summarize_layers(layers: Mapping[str, Mapping[str, Any]], names: Sequence[st
                 ({"layer": layer, "distance": e["distance"][q][a][b]} for layer, e in layers.items()),
                 key=lambda d: d["distance"],
             )
-            for q in QUANTITIES
+            for q in CIN_PARAMS
         }
     return {
         "num_layers": len(layers),
@@ -316,7 +315,7 @@ def plot_distances(layers: Mapping[str, Mapping[str, Any]], names: Sequence[str]
     bar = 0.8 / len(pairs)
     fig = _figure(12.0, 0.28 * max(len(labels), 3) * max(1, len(pairs)) ** 0.5 + 1.4)
     axes = fig.subplots(1, 2, squeeze=False)[0]
-    for ax, q in zip(axes, QUANTITIES):
+    for ax, q in zip(axes, CIN_PARAMS):
         for k, (a, b) in enumerate(pairs):
             values = [layers[layer]["distance"][q][a][b] for layer in labels]
             ax.barh(y - 0.4 + bar * (k + 0.5), values, height=bar, label=f"{a} vs {b}")

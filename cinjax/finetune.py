@@ -65,11 +65,10 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(flax.core.unfreeze(tree))[0]}
 
 
-def cin_table_paths(abstract_params: Any, num_modalities: int) -> set[str]:
+def _cin_table_paths(abstract_params: Any, num_modalities: int) -> set[str]:
     """Paths (``a/b/scale``, ``a/b/bias``) of the parameters with one row per modality: the tables of
     :func:`cinjax.models.layers.norms.cin_layers`."""
-    layers = cin_layers(flax.core.unfreeze(abstract_params), num_modalities)
-    return {f"{layer}/{q}" for layer in layers for q in CIN_PARAMS}
+    return {f"{layer}/{q}" for layer in cin_layers(abstract_params, num_modalities) for q in CIN_PARAMS}
 
 
 def _num_modalities(config: ml_collections.ConfigDict) -> int:
@@ -93,7 +92,7 @@ def load_source(config: ml_collections.ConfigDict, abstract_params: Any) -> Sour
             f"config.finetune.new_modality_init={init!r} is not a modality of {fc.init_from} "
             f"({sorted(src_rows)}); use 'mean' or one of those."
         )
-    tables = cin_table_paths(abstract_params, _num_modalities(config))
+    tables = _cin_table_paths(abstract_params, _num_modalities(config))
     target = _flat(abstract_params)
     source = _flat(variables.params)
     missing = sorted(set(target) - set(source))
@@ -179,7 +178,7 @@ def trainable_mask(config: ml_collections.ConfigDict, abstract_params: Any) -> A
             f"({sorted(config.data.modalities)}) is already in {fc.init_from}: add the new modality to "
             "data.modalities (with its datalist), or use finetune.trainable='all'."
         )
-    tables = cin_table_paths(abstract_params, _num_modalities(config))
+    tables = _cin_table_paths(abstract_params, _num_modalities(config))
     head = fc.trainable == "new_modalities+head"
     masks = {}
     for key, abstract in _flat(abstract_params).items():
