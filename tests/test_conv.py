@@ -40,7 +40,28 @@ def _data(kernel, c_in=3, c_out=4, shape=(2, 7, 6, 4)):
 @pytest.mark.parametrize("impl", ["depth2d", "cpu"])
 @pytest.mark.parametrize("kernel, stride, padding", CASES)
 def test_lowerings_equal_lax_values_and_gradients(kernel, stride, padding, impl):
-    """Height and width 6 x 4: the stride-2 cases take the phased input gradient (divisible sizes)."""
+    """Height and width 6 x 4: the stride-2 cases take the phased input gradient (divisible sizes). Four
+    output channels: the depth-stride-1 cases convolve their depth offsets as one stacked 2D conv."""
+    _check_equals_lax(kernel, stride, padding, impl)
+
+
+@pytest.mark.parametrize("impl", ["depth2d", "cpu"])
+@pytest.mark.parametrize("kernel, stride, padding", [c for c in CASES if c[1] == 1 and c[0] > 1])
+def test_unstacked_depth_offsets_equal_lax_values_and_gradients(kernel, stride, padding, impl, monkeypatch):
+    """The same with one 2D conv per depth offset (what convs with more than 8 outputs run)."""
+    monkeypatch.setattr(conv_module, "stacks_depth_offsets", lambda kernel_shape, strides: False)
+    _check_equals_lax(kernel, stride, padding, impl)
+
+
+def test_depth_offsets_are_stacked_for_narrow_outputs_at_depth_stride_1():
+    assert conv_module.stacks_depth_offsets((3, 3, 3, 16, 8), (1, 1, 1))
+    assert conv_module.stacks_depth_offsets((3, 3, 3, 1, 8), (1, 2, 2))
+    assert not conv_module.stacks_depth_offsets((3, 3, 3, 8, 16), (1, 1, 1))
+    assert not conv_module.stacks_depth_offsets((3, 3, 3, 8, 8), (2, 2, 2))
+    assert not conv_module.stacks_depth_offsets((1, 3, 3, 8, 8), (1, 1, 1))
+
+
+def _check_equals_lax(kernel, stride, padding, impl):
     x, w = _data(kernel)
 
     def f(impl):
