@@ -11,7 +11,16 @@ from jax import lax
 
 from cinjax.models.convert.common import conv_kernel
 from cinjax.models.layers import conv as conv_module
-from cinjax.models.layers.conv import Conv3d, conv3d, kernel_grad_blocked, resolve_conv_impl, same_padding
+from cinjax.models.layers.conv import (
+    Conv3d,
+    conv3d,
+    conv3d_of_upsampled,
+    folds_upsample,
+    kernel_grad_blocked,
+    resolve_conv_impl,
+    same_padding,
+)
+from cinjax.models.layers.upsample import Upsampled, upsample_nearest
 from cinjax.shapes import triple
 
 CASES = [
@@ -197,6 +206,60 @@ def test_conv3d_of_channel_blocks_equals_conv_of_their_concatenation():
     )
     np.testing.assert_allclose(grads[0]["params"]["kernel"], ref[0]["params"]["kernel"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.concatenate(grads[1:], -1), ref[1], rtol=1e-4, atol=1e-4)
+
+
+UPSAMPLED_CASES = [
+    # kernel, stride, padding, factor: the folded cases first, then ones that upsample eagerly
+    (3, 1, None, 2),
+    (1, 1, None, 2),
+    (3, 1, ((0, 0), (1, 1), (1, 1)), 2),
+    (3, 2, None, 2),
+    (2, 1, ((0, 1),) * 3, 2),
+    (3, 1, None, 3),
+]
+
+
+@pytest.mark.parametrize("impl", ["lax", "cpu"])
+@pytest.mark.parametrize("kernel, stride, padding, factor", UPSAMPLED_CASES)
+def test_conv_of_upsampled_equals_conv_of_the_upsampled_map(kernel, stride, padding, factor, impl):
+    """Values and both gradients (low-resolution map and kernel) against lax's conv of the materialised
+    nearest upsampling; odd low-resolution sizes, so every border phase is exercised."""
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((2, 3, 4, 5, 3)).astype(np.float32)
+    w = rng.standard_normal((kernel,) * 3 + (3, 4)).astype(np.float32)
+    folds = folds_upsample((kernel,) * 3, triple(stride), padding or same_padding(kernel), factor)
+    assert folds == (factor == 2 and stride == 1 and padding is None)
+
+    def loss(fold):
+        def f(u, w):
+            if fold:
+                y = conv3d_of_upsampled(Upsampled(u, factor), w, strides=stride, padding=padding, impl=impl)
+            else:
+                y = conv3d(upsample_nearest(u, factor), w, strides=stride, padding=padding, impl="lax")
+            return jnp.sum(y * jnp.cos(y)), y
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(u, w)
+
+    (_, y_ref), grads_ref = loss(False)
+    (_, y), grads = loss(True)
+    assert y.shape == y_ref.shape
+    for got, want in ((y, y_ref), *zip(grads, grads_ref)):
+        np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(np.asarray(want)).max())
+
+
+def test_upsampled_block_in_conv3d_and_its_pytree():
+    """Conv3d over ``[skip, Upsampled]`` equals it over ``[skip, upsampled map]``; an Upsampled survives
+    a pytree round trip (what ``nn.remat`` does to a unit's input)."""
+    rng = np.random.default_rng(5)
+    skip = rng.standard_normal((1, 4, 6, 4, 2)).astype(np.float32)
+    low = rng.standard_normal((1, 2, 3, 2, 3)).astype(np.float32)
+    layer = Conv3d(4, kernel_size=3)
+    params = jax.jit(layer.init)(jax.random.key(0, impl="rbg"), (skip, upsample_nearest(low, 2)))
+    want = layer.apply(params, (skip, upsample_nearest(low, 2)))
+    lazy = jax.tree.map(lambda a: a, Upsampled(jnp.asarray(low), 2))
+    assert isinstance(lazy, Upsampled) and lazy.factor == 2 and lazy.shape == (1, 4, 6, 4, 3)
+    np.testing.assert_allclose(layer.apply(params, (skip, lazy)), want, atol=1e-5)
+    np.testing.assert_array_equal(lazy.materialize(), upsample_nearest(low, 2))
 
 
 def test_conv3d_module_param_shapes_and_dtype():

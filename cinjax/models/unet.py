@@ -26,15 +26,7 @@ import jax.numpy as jnp
 from cinjax.models.blocks.residual_unit import ResidualUnit
 from cinjax.models.layers.conv import CONV_IMPLS, Conv3d
 from cinjax.models.layers.norms import NORM_NAMES, NormSpec
-
-
-def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
-    """Nearest-neighbour upsampling of the 3 spatial axes of NDHWC by an integer factor (torch semantics)."""
-    if factor == 1:
-        return x
-    for axis in (1, 2, 3):
-        x = jnp.repeat(x, factor, axis=axis)
-    return x
+from cinjax.models.layers.upsample import Upsampled
 
 
 class UNet(nn.Module):
@@ -141,8 +133,9 @@ class UNet(nn.Module):
         x = skips.pop()
         for j in range(levels - 1):
             s = levels - 2 - j
-            # The unit takes [skip, upsampled] as channel blocks: their concatenation, never materialised.
-            x = (skips.pop(), upsample_nearest(x, strides[s + 1]))
+            # The unit takes [skip, upsampled] as channel blocks: neither their concatenation nor the
+            # upsampled map is materialised (its convs run at low resolution, conv3d_of_upsampled).
+            x = (skips.pop(), Upsampled(x, strides[s + 1]))
             x = unit(channels[s], 1, self.decoder_norm, f"up_{j}")(x, modality, train)
         x = Conv3d(
             self.out_channels,

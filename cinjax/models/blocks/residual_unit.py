@@ -8,7 +8,8 @@ settings (``adn_ordering="NDA"``, ``act="prelu"``) a :class:`Convolution` is
 and a :class:`ResidualUnit` is two such sub-units (the first carries the stride and the channel change)
 plus a residual branch: identity when stride and channels are unchanged, a 1×1×1 conv when only the
 channels change, a k×k×k conv with the unit's stride otherwise; output = main + residual. A unit's input
-may be a sequence of channel blocks (see :class:`~cinjax.models.layers.conv.Conv3d`).
+may be a sequence of channel blocks, an upsampled one among them (see
+:class:`~cinjax.models.layers.conv.Conv3d`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from cinjax.models.layers.conv import Conv3d
 from cinjax.models.layers.linear import PReLU
 from cinjax.models.layers.norms import NormSpec
+from cinjax.models.layers.upsample import materialize
 
 
 class Convolution(nn.Module):
@@ -98,5 +100,5 @@ class ResidualUnit(nn.Module):
                 name="residual",
             )(x)
         elif isinstance(residual, (list, tuple)):
-            residual = jnp.concatenate(residual, axis=-1)
+            residual = jnp.concatenate([materialize(p) for p in residual], axis=-1)
         return y + residual.astype(y.dtype)

@@ -24,9 +24,11 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cinjax.models.layers.linear import add_bias
+from cinjax.models.layers.upsample import Upsampled, upsample_nearest
 from cinjax.shapes import triple
 
 CONV_IMPLS = ("lax", "depth2d", "cpu", "auto")
@@ -76,6 +78,71 @@ def conv3d(
     if impl == "cpu":
         return _conv3d_cpu(x, kernel, strides, padding, precision)
     return _conv3d_depth2d(x, kernel, strides, padding, precision)
+
+
+# Per axis and output phase p of a 2x nearest upsampling, the weight of each of the 3 taps on the two
+# low-resolution rows that phase reads: rows m-1, m for p = 0 (taps 0 | 1 + 2), rows m, m+1 for p = 1
+# (taps 0 + 1 | 2). Indexed [p, low-resolution row, tap].
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def folds_upsample(kernel_size: Sequence[int], strides: Sequence[int], padding: Padding, factor: int) -> bool:
+    """Whether :func:`conv3d_of_upsampled` convolves at low resolution: a 2x upsampled input, stride 1,
+    and a 3x3x3 kernel with padding 1 or a 1x1x1 one (a UNet decoder's convs); otherwise it upsamples."""
+    kernel_size, strides = tuple(kernel_size), tuple(strides)
+    padding = tuple(tuple(p) for p in padding)
+    same3 = kernel_size == (3, 3, 3) and padding == ((1, 1),) * 3
+    pointwise = kernel_size == (1, 1, 1) and padding == ((0, 0),) * 3
+    return factor == 2 and strides == (1, 1, 1) and (same3 or pointwise)
+
+
+def conv3d_of_upsampled(
+    x: Upsampled,
+    kernel: jax.Array,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: Padding | None = None,
+    impl: str = "auto",
+    precision: lax.PrecisionLike = None,
+) -> jax.Array:
+    """``conv3d(x.materialize(), kernel, ...)`` computed from the low-resolution map where it folds.
+
+    Output voxel ``2m + p`` (per axis) of a 3-tap conv over a 2x nearest-upsampled map reads only rows
+    ``m - 1 + p`` and ``m + p`` of the low-resolution map ``u``, with the taps summed as ``_PHASE_TAPS``
+    says. So all 8 output phases are one 2x2x2 VALID conv of ``u`` zero-padded by 1, with the 8 phase
+    kernels side by side along the outputs; phase ``(p, q, r)`` is its output shifted by ``(p, q, r)``,
+    and the phases interleave into the result. 8 taps per output voxel instead of 27, and the upsampled
+    map is never built. A 1x1x1 conv commutes with the upsampling. Equal up to float summation order.
+    """
+    strides = triple(strides, "strides")
+    kernel_size = tuple(kernel.shape[:3])
+    padding = tuple(tuple(p) for p in (padding if padding is not None else same_padding(kernel_size)))
+    if not folds_upsample(kernel_size, strides, padding, x.factor):
+        return conv3d(
+            x.materialize(), kernel, strides=strides, padding=padding, impl=impl, precision=precision
+        )
+    u = x.low
+    if kernel_size == (1, 1, 1):
+        return upsample_nearest(conv3d(u, kernel, padding=padding, impl=impl, precision=precision), 2)
+    b, md, mh, mw, ci = u.shape
+    co = kernel.shape[-1]
+    taps = jnp.asarray(_PHASE_TAPS)
+    phase_kernels = jnp.einsum(
+        "pas,qbt,rcv,stvio->abcipqro", taps, taps, taps, kernel.astype(jnp.float32), precision="highest"
+    )
+    phase_kernels = phase_kernels.reshape(2, 2, 2, ci, 8 * co).astype(kernel.dtype)
+    padded = jnp.pad(u, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+    y = conv3d(padded, phase_kernels, padding=((0, 0),) * 3, impl=impl, precision=precision)
+    y = y.reshape(b, md + 1, mh + 1, mw + 1, 2, 2, 2, co)
+
+    def phase(p, q, r):
+        return y[:, p : p + md, q : q + mh, r : r + mw, p, q, r]
+
+    # (b, md, 2, mh, 2, mw, 2, co): output voxel (2m + p, 2n + q, 2l + r) is phase (p, q, r) at (m, n, l).
+    out = jnp.stack(
+        [jnp.stack([jnp.stack([phase(p, q, r) for r in (0, 1)], 4) for q in (0, 1)], 3) for p in (0, 1)], 2
+    )
+    return out.reshape(b, 2 * md, 2 * mh, 2 * mw, co)
 
 
 def stacks_depth_offsets(kernel_shape: Sequence[int], strides: Sequence[int]) -> bool:
@@ -388,7 +455,8 @@ class Conv3d(nn.Module):
     ``padding=None`` is PyTorch's symmetric ``(k-1)//2``. The input may be a sequence of arrays, the
     channel blocks of one input (a UNet decoder's ``[skip, upsampled]``): the result equals the conv of
     their concatenation, computed as a sum of convs over the blocks, so the concatenation is never
-    materialised (and XLA's CPU convs run much faster on 8-16 input channels than on 24+).
+    materialised (and XLA's CPU convs run much faster on 8-16 input channels than on 24+). A block may
+    be an :class:`~cinjax.models.layers.upsample.Upsampled` map, convolved by :func:`conv3d_of_upsampled`.
     """
 
     features: int
@@ -414,7 +482,7 @@ class Conv3d(nn.Module):
         y, start = None, 0
         for part in parts:
             stop = start + part.shape[-1]
-            term = conv3d(
+            term = (conv3d_of_upsampled if isinstance(part, Upsampled) else conv3d)(
                 part.astype(dtype),
                 kernel[..., start:stop, :],
                 strides=self.strides,
