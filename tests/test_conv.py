@@ -62,6 +62,17 @@ def test_unstacked_depth_offsets_equal_lax_values_and_gradients(kernel, stride, 
     _check_equals_lax(kernel, stride, padding, impl)
 
 
+@pytest.mark.parametrize("impl", ["depth2d", "cpu"])
+@pytest.mark.parametrize("kernel, stride, padding", [c for c in CASES if c[1] == 1 and c[0] > 1])
+def test_stacked_depth_offsets_in_chunks_equal_lax_values_and_gradients(
+    kernel, stride, padding, impl, monkeypatch
+):
+    """The stacked 2D convs a few output planes at a time, the last chunk ragged (2-plane chunks)."""
+    k = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    monkeypatch.setattr(conv_module, "STACKED_CHUNK_BYTES", 2 * 6 * 4 * k[0] * 4 * 4)
+    _check_equals_lax(kernel, stride, padding, impl)
+
+
 def test_depth_offsets_are_stacked_for_narrow_outputs_at_depth_stride_1():
     assert conv_module.stacks_depth_offsets((3, 3, 3, 16, 8), (1, 1, 1))
     assert conv_module.stacks_depth_offsets((3, 3, 3, 1, 8), (1, 2, 2))
