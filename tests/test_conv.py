@@ -64,12 +64,13 @@ def test_unstacked_depth_offsets_equal_lax_values_and_gradients(kernel, stride, 
 
 @pytest.mark.parametrize("impl", ["depth2d", "cpu"])
 @pytest.mark.parametrize("kernel, stride, padding", [c for c in CASES if c[1] == 1 and c[0] > 1])
-def test_stacked_depth_offsets_in_chunks_equal_lax_values_and_gradients(
-    kernel, stride, padding, impl, monkeypatch
-):
-    """The stacked 2D convs a few output planes at a time, the last chunk ragged (2-plane chunks)."""
-    k = (kernel,) * 3 if isinstance(kernel, int) else kernel
-    monkeypatch.setattr(conv_module, "STACKED_CHUNK_BYTES", 2 * 6 * 4 * k[0] * 4 * 4)
+@pytest.mark.parametrize("stack", [False, True])
+def test_depth_chunks_equal_lax_values_and_gradients(kernel, stride, padding, impl, stack, monkeypatch):
+    """Every depth-stride-1 conv in chunks of 4 output planes (the smallest chunk), stacked or not, the
+    last chunk ragged where the output depth is not a multiple of 4."""
+    monkeypatch.setattr(conv_module, "DEPTH_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(conv_module, "DEPTH_CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_module, "stacks_depth_offsets", lambda kernel_shape, strides: stack)
     _check_equals_lax(kernel, stride, padding, impl)
 
 

@@ -183,9 +183,15 @@ def _conv3d_depth2d(x, kernel, strides, padding, precision, stack_offsets=None):
         # out[o] += y_a[o + a - pd_lo] wherever that input slice exists (zero padding elsewhere).
         if stack_offsets is None:
             stack_offsets = stacks_depth_offsets(kernel.shape, strides)
-        if stack_offsets and kd > 1:
-            return _stacked_offsets_by_depth_chunks(x, kernel, strides, padding, precision)
-        ys = [conv2d(x, kernel[a]) for a in range(kd)]
+        stack_offsets = stack_offsets and kd > 1
+        if kd > 1 and chunks_depth(x.shape, kernel.shape, strides, padding):
+            return _conv3d_by_depth_chunks(x, kernel, strides, padding, precision, stack_offsets)
+        if stack_offsets:
+            co = kernel.shape[-1]
+            y = conv2d(x, jnp.concatenate(list(kernel), axis=-1))
+            ys = [y[..., a * co : (a + 1) * co] for a in range(kd)]
+        else:
+            ys = [conv2d(x, kernel[a]) for a in range(kd)]
         centre = pd_lo if 0 <= pd_lo < kd and d_out == d else None
         out = ys[centre] if centre is not None else jnp.zeros((b, d_out, *ys[0].shape[2:]), ys[0].dtype)
         for a in range(kd):
@@ -202,37 +208,63 @@ def _conv3d_depth2d(x, kernel, strides, padding, precision, stack_offsets=None):
     return out
 
 
-# Bytes of a depth chunk's stacked 2D-conv output in :func:`_stacked_offsets_by_depth_chunks`.
-STACKED_CHUNK_BYTES = 1 << 22
+# Depth-stride-1 convs whose 2D convs read and write more than DEPTH_CHUNK_MIN_BYTES run a chunk of
+# output planes at a time, each chunk's 2D-conv output about DEPTH_CHUNK_BYTES.
+DEPTH_CHUNK_MIN_BYTES = 24 << 20
+DEPTH_CHUNK_BYTES = 4 << 20
 
 
-def _stacked_offsets_by_depth_chunks(x, kernel, strides, padding, precision):
-    """Depth stride 1, all ``kd`` depth offsets as one 2D conv (kernels side by side along the outputs),
-    a chunk of output planes at a time.
+def _out_hw(shape, kernel_shape, strides, padding) -> tuple[int, int]:
+    return tuple(
+        (n + lo + hi - k) // s + 1
+        for n, k, s, (lo, hi) in zip(shape[2:4], kernel_shape[1:3], strides[1:], padding[1:])
+    )
 
-    Output plane ``o`` is ``sum_a y[o + a, ..., a]`` where ``y`` is the stacked conv of the depth-padded
-    input. Chunks of ``c`` output planes (their stacked output about ``STACKED_CHUNK_BYTES``) read
-    ``c + kd - 1`` input planes and run one after another (``lax.map``), so each chunk's ``kd * co``-wide
-    output stays in cache: YNNPACK's 2D conv runs 2-4x slower per plane once its output outgrows the
-    last-level cache (2-core x86, 32 MB L3: 1 -> 24 channels at 64^2, 0.09 ms per plane up to 64
-    planes, 0.29-0.39 beyond). The ragged end is zero planes, cropped away.
+
+def chunks_depth(x_shape, kernel_shape, strides, padding) -> bool:
+    """Whether :func:`_conv3d_depth2d` runs this depth-stride-1 conv in chunks of output planes: when its
+    2D convs' input and output (all depth offsets) exceed ``DEPTH_CHUNK_MIN_BYTES``. XLA:CPU's 2D convs
+    run 2-4x slower per plane once their operands outgrow the last-level cache (2-core x86, 32 MB L3:
+    YNNPACK, 1 -> 24 channels at 64^2, 0.09 ms per plane up to 64 planes, 0.29-0.39 ms beyond), and
+    several chunks in sequence keep each one's operands in cache."""
+    b, d, h, w, ci = x_shape
+    kd, co = kernel_shape[0], kernel_shape[-1]
+    oh, ow = _out_hw(x_shape, kernel_shape, strides, padding)
+    itemsize = 4
+    total = b * d * (h * w * ci + oh * ow * kd * co) * itemsize
+    return strides[0] == 1 and kd > 1 and total > DEPTH_CHUNK_MIN_BYTES
+
+
+def _conv3d_by_depth_chunks(x, kernel, strides, padding, precision, stack_offsets):
+    """Depth stride 1, ``c`` output planes at a time (``lax.map`` over samples and chunks, in sequence).
+
+    Output plane ``o`` is ``sum_a conv2d(xpad[o + a], kernel[a])`` over the depth-padded input, so a
+    chunk reads ``c + kd - 1`` input planes; with ``stack_offsets`` its offsets are one 2D conv with the
+    kernels side by side along the outputs. ``c`` is a divisor of the output depth near the
+    ``DEPTH_CHUNK_BYTES`` budget where one exists, else the budget with zero planes at the end, cropped.
     """
     b, d, h, w, ci = x.shape
     kd, co = kernel.shape[0], kernel.shape[-1]
     (pd_lo, pd_hi), pad_h, pad_w = padding
     d_out = d + pd_lo + pd_hi - kd + 1
-    stacked = jnp.concatenate(list(kernel), axis=-1)
-    oh = (h + sum(pad_h) - kernel.shape[1]) // strides[1] + 1
-    ow = (w + sum(pad_w) - kernel.shape[2]) // strides[2] + 1
-    plane_bytes = oh * ow * kd * co * jnp.dtype(x.dtype).itemsize
-    c = max(1, min(d_out, STACKED_CHUNK_BYTES // plane_bytes))
+    oh, ow = _out_hw(x.shape, kernel.shape, strides, padding)
+    budget = max(4, DEPTH_CHUNK_BYTES // (oh * ow * kd * co * jnp.dtype(x.dtype).itemsize))
+    c = min(d_out, budget)
+    c = max([n for n in range(-(-c // 2), c + 1) if d_out % n == 0] or [c])
     chunks = -(-d_out // c)
     xp = jnp.pad(x, ((0, 0), (pd_lo, pd_hi + chunks * c - d_out), (0, 0), (0, 0), (0, 0)))
+    stacked = jnp.concatenate(list(kernel), axis=-1) if stack_offsets else None
+    in_strides, in_padding = tuple(strides[1:]), (pad_h, pad_w)
 
     def chunk(index):
-        planes = lax.dynamic_slice_in_dim(xp[index // chunks], (index % chunks) * c, c + kd - 1, axis=0)
-        y = _conv2d(planes, stacked, tuple(strides[1:]), (pad_h, pad_w), precision)
-        return sum(y[a : a + c, ..., a * co : (a + 1) * co] for a in range(kd))
+        sample = lax.dynamic_index_in_dim(xp, index // chunks, 0, keepdims=False)
+        planes = lax.dynamic_slice_in_dim(sample, (index % chunks) * c, c + kd - 1, axis=0)
+        if stack_offsets:
+            y = _conv2d(planes, stacked, in_strides, in_padding, precision)
+            return sum(y[a : a + c, ..., a * co : (a + 1) * co] for a in range(kd))
+        return sum(
+            _conv2d(planes[a : a + c], kernel[a], in_strides, in_padding, precision) for a in range(kd)
+        )
 
     out = lax.map(chunk, jnp.arange(b * chunks)).reshape(b, chunks * c, oh, ow, co)
     return out[:, :d_out] if chunks * c != d_out else out
@@ -345,17 +377,21 @@ def _conv3d_cpu_bwd(strides, padding, precision, residuals, dy):
 
 
 def _conv3d_cpu_input_grad(x, kernel, dy, strides, padding, precision):
-    """``dL/dx``: for a stride-1 conv with at most 8 input channels the conv of ``dy`` with the flipped
-    kernel (in and out channels swapped), which then stacks its depth offsets (64^3, batch 2, 8 -> 8
-    channels: 81 -> 56 ms on 2-core x86); otherwise autodiff of the unstacked forward."""
+    """``dL/dx``: for a stride-1 conv, where it then stacks its depth offsets (at most 8 input channels)
+    or runs in depth chunks, the conv of ``dy`` with the flipped kernel (in and out channels swapped;
+    64^3, batch 2, 8 -> 8 channels: 81 -> 56 ms on 2-core x86); otherwise autodiff of the unstacked
+    forward."""
     flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
     flipped_padding = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:3], padding))
     if (
         tuple(strides) == (1, 1, 1)
         and min(min(p) for p in flipped_padding) >= 0
-        and stacks_depth_offsets(flipped.shape, strides)
+        and (
+            stacks_depth_offsets(flipped.shape, strides)
+            or chunks_depth(dy.shape, flipped.shape, strides, flipped_padding)
+        )
     ):
-        return _conv3d_depth2d(dy, flipped, strides, flipped_padding, precision, True).astype(x.dtype)
+        return _conv3d_depth2d(dy, flipped, strides, flipped_padding, precision).astype(x.dtype)
     _, input_vjp = jax.vjp(lambda v: _conv3d_depth2d(v, kernel, strides, padding, precision, False), x)
     return input_vjp(dy)[0]
 
