@@ -68,10 +68,21 @@ def test_unstacked_depth_offsets_equal_lax_values_and_gradients(kernel, stride, 
 def test_depth_chunks_equal_lax_values_and_gradients(kernel, stride, padding, impl, stack, monkeypatch):
     """Every depth-stride-1 conv in chunks of 4 output planes (the smallest chunk), stacked or not, the
     last chunk ragged where the output depth is not a multiple of 4."""
-    monkeypatch.setattr(conv_module, "DEPTH_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(conv_module, "chunks_depth", lambda *args: True)
     monkeypatch.setattr(conv_module, "DEPTH_CHUNK_BYTES", 1)
     monkeypatch.setattr(conv_module, "stacks_depth_offsets", lambda kernel_shape, strides: stack)
     _check_equals_lax(kernel, stride, padding, impl)
+
+
+def test_depth_chunks_for_big_convs_on_ynnpack_only():
+    same = ((1, 1),) * 3
+    # The C-UNet's 64^3 convs at batch 2: stacked 8 -> 8 (24 outputs) and a 24-channel input chunk.
+    assert conv_module.chunks_depth((2, 64, 64, 64, 8), (3, 3, 3, 8, 8), (1, 1, 1), same, True)
+    assert conv_module.chunks_depth((2, 64, 64, 64, 24), (3, 3, 3, 24, 8), (1, 1, 1), same, False)
+    # Eigen's narrow convs (at most 16 in and out channels, unstacked), small convs, depth strides: not.
+    assert not conv_module.chunks_depth((2, 64, 64, 64, 12), (3, 3, 3, 12, 12), (1, 1, 1), same, False)
+    assert not conv_module.chunks_depth((2, 16, 16, 16, 32), (3, 3, 3, 32, 32), (1, 1, 1), same, False)
+    assert not conv_module.chunks_depth((2, 64, 64, 64, 8), (3, 3, 3, 8, 8), (2, 2, 2), same, True)
 
 
 def test_depth_offsets_are_stacked_for_narrow_outputs_at_depth_stride_1():

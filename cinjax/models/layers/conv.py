@@ -184,7 +184,7 @@ def _conv3d_depth2d(x, kernel, strides, padding, precision, stack_offsets=None):
         if stack_offsets is None:
             stack_offsets = stacks_depth_offsets(kernel.shape, strides)
         stack_offsets = stack_offsets and kd > 1
-        if kd > 1 and chunks_depth(x.shape, kernel.shape, strides, padding):
+        if kd > 1 and chunks_depth(x.shape, kernel.shape, strides, padding, stack_offsets):
             return _conv3d_by_depth_chunks(x, kernel, strides, padding, precision, stack_offsets)
         if stack_offsets:
             co = kernel.shape[-1]
@@ -221,18 +221,20 @@ def _out_hw(shape, kernel_shape, strides, padding) -> tuple[int, int]:
     )
 
 
-def chunks_depth(x_shape, kernel_shape, strides, padding) -> bool:
+def chunks_depth(x_shape, kernel_shape, strides, padding, stack_offsets: bool = False) -> bool:
     """Whether :func:`_conv3d_depth2d` runs this depth-stride-1 conv in chunks of output planes: when its
-    2D convs' input and output (all depth offsets) exceed ``DEPTH_CHUNK_MIN_BYTES``. XLA:CPU's 2D convs
-    run 2-4x slower per plane once their operands outgrow the last-level cache (2-core x86, 32 MB L3:
-    YNNPACK, 1 -> 24 channels at 64^2, 0.09 ms per plane up to 64 planes, 0.29-0.39 ms beyond), and
-    several chunks in sequence keep each one's operands in cache."""
+    2D convs run on YNNPACK (XLA:CPU's choice for more than 16 input or output channels; the stacked
+    conv has ``kd * co`` outputs) and their input and output, all depth offsets, exceed
+    ``DEPTH_CHUNK_MIN_BYTES`` in fp32. YNNPACK's 2D convs run 2-4x slower per plane once their operands
+    outgrow the last-level cache (2-core x86, 32 MB L3: 1 -> 24 channels at 64^2, 0.09 ms per plane up to
+    64 planes, 0.29-0.39 ms beyond); chunks in sequence keep each one's operands in cache. Eigen's narrow
+    convs do not gain (C-Swin-UNETR's 12 -> 12 at 64^3: its step 12 % slower in chunks)."""
     b, d, h, w, ci = x_shape
     kd, co = kernel_shape[0], kernel_shape[-1]
     oh, ow = _out_hw(x_shape, kernel_shape, strides, padding)
-    itemsize = 4
-    total = b * d * (h * w * ci + oh * ow * kd * co) * itemsize
-    return strides[0] == 1 and kd > 1 and total > DEPTH_CHUNK_MIN_BYTES
+    on_ynnpack = ci > 16 or (kd * co if stack_offsets else co) > 16
+    total = b * d * (h * w * ci + oh * ow * kd * co) * 4
+    return strides[0] == 1 and kd > 1 and on_ynnpack and total > DEPTH_CHUNK_MIN_BYTES
 
 
 def _conv3d_by_depth_chunks(x, kernel, strides, padding, precision, stack_offsets):
@@ -388,7 +390,7 @@ def _conv3d_cpu_input_grad(x, kernel, dy, strides, padding, precision):
         and min(min(p) for p in flipped_padding) >= 0
         and (
             stacks_depth_offsets(flipped.shape, strides)
-            or chunks_depth(dy.shape, flipped.shape, strides, flipped_padding)
+            or chunks_depth(dy.shape, flipped.shape, strides, flipped_padding, False)
         )
     ):
         return _conv3d_depth2d(dy, flipped, strides, flipped_padding, precision).astype(x.dtype)
