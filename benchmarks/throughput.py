@@ -14,7 +14,10 @@ of ``repeats`` (each ``steps_per_repeat`` steps, blocked at the end). Train mode
   ``data_wait_share`` is the share of the step spent waiting for the loader.
 * ``input_only``: the loader alone, crops/s, no model (the ``loader`` section).
 
-FLOPs per step come from XLA's cost analysis of the compiled step; MFU divides the achieved FLOP/s by the
+FLOPs per step come from XLA's cost analysis of the step lowered with the loop-free lowerings (``lax`` convs,
+``plain`` attention; :func:`loop_free_twin`): the CPU lowerings loop (kernel-gradient scans, depth chunks,
+blocked attention), and the analysis counts a loop body once. Bytes accessed come from the compiled program.
+MFU divides the achieved FLOP/s by the
 device's dense peak for the compute dtype (``PEAK_FLOPS``; ``config.peak_tflops`` overrides it, e.g. for CPUs,
 where it is null otherwise). Compile times: ``cold`` in a fresh persistent-cache directory, ``warm`` after
 ``jax.clear_caches()`` with the same directory (what a restarted run pays). Inference cases time
@@ -103,8 +106,19 @@ def peak_flops(
     return None, "unknown"
 
 
+def loop_free_twin(product: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The product config with the lowerings that have no loops (same maths, same parameters), whose
+    lowered program XLA's cost analysis counts in full."""
+    twin = ml_collections.ConfigDict(product.to_dict())
+    twin.model.conv_impl = "lax"
+    if "attention_impl" in twin.model:
+        twin.model.attention_impl = "plain"
+    return twin
+
+
 def cost_of(compiled: Any) -> dict[str, float | None]:
-    """FLOPs and bytes accessed of one call, from XLA's cost analysis (a dict, or a list of dicts)."""
+    """FLOPs and bytes accessed of one call of a compiled or lowered program, from XLA's cost analysis (a
+    dict, or a list of dicts)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, Sequence):  # older JAX: one dict per program
         analysis = analysis[0] if analysis else None
@@ -390,6 +404,10 @@ def run_train_case(
     compiled, compile_info = compile_timed(train_step, (state, batches[0]), cache, config.compile_times)
     compile_info["init_s"] = init_s
     cost = cost_of(compiled)
+    twin = loop_free_twin(product)
+    twin_model = build.make_model(twin)
+    twin_step = build.make_train_step(twin_model, tx, build.make_loss(twin), mesh)
+    cost["flops"] = cost_of(twin_step.lower(state, batches[0]))["flops"]
     peak, peak_source = peak_flops(_device_kind(), case.dtype, config.peak_tflops)
     result: dict[str, Any] = {
         "name": name,
@@ -469,7 +487,9 @@ def run_inference_case(
     name: str, case: ml_collections.ConfigDict, config: ml_collections.ConfigDict, cache: CacheEvents
 ) -> dict[str, Any]:
     """Whole-volume sliding-window inference, timed for each ``config.windows_per_call``."""
-    model = build.make_model(product_config(case, config))
+    product = product_config(case, config)
+    model = build.make_model(product)
+    twin_predict = build.WindowPredictor(build.make_model(loop_free_twin(product))).jitted
     roi, shape = tuple(case.roi), tuple(case.volume_shape)
     device = jax.local_devices()[0]
     sample = jax.device_put((np.zeros((1, *roi, 1), np.float32), np.zeros((1,), np.int32)), device)
@@ -490,7 +510,7 @@ def run_inference_case(
         first, times = time_volume(predict_fn, volume, case, wpc, config.inference_repeats)
         volume_s = statistics.median(times)
         calls = math.ceil(num_windows / wpc)
-        flops = cost_of(compiled)["flops"]
+        flops = cost_of(twin_predict.lower(variables, windows, ids))["flops"]
         achieved = flops * calls / volume_s if flops else None
         rows.append(
             {

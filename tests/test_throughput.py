@@ -119,6 +119,13 @@ assert t.cost_of(Fake({"bytes accessed": 1.0}))["flops"] is None
 assert t.cost_of(Fake(None))["flops"] is None
 assert t.peak_flops("NVIDIA H200", "bfloat16") == (989e12, "table: H200 bfloat16")
 assert t.peak_flops("cpu", "float32")[0] is None and t.peak_flops("cpu", "float32", 2.0)[0] == 2e12
+import ml_collections
+product = ml_collections.ConfigDict({"model": {"conv_impl": "auto", "attention_impl": "auto"}, "seed": 1})
+twin = t.loop_free_twin(product)
+assert (twin.model.conv_impl, twin.model.attention_impl, twin.seed) == ("lax", "plain", 1)
+assert product.model.conv_impl == "auto"  # a copy
+unet = ml_collections.ConfigDict({"model": {"conv_impl": "cpu"}})
+assert "attention_impl" not in t.loop_free_twin(unet).model
 """
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
