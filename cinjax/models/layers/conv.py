@@ -14,6 +14,14 @@ the lowering can be chosen per platform:
   matmuls (:func:`kernel_grad_blocked`): one depth plane and a band of rows at a time, so the patches
   stay in cache and no tensor is transposed (~6x faster than either autodiff kernel gradient).
 * ``"auto"``: ``"cpu"`` on CPU, ``"lax"`` elsewhere.
+
+Two things shape the depth-sliced 2D convs on XLA:CPU: it runs a 2D conv with at most 16 input and 16
+output channels on Eigen (slow when narrow) and a wider one on YNNPACK, and YNNPACK slows 2-4x per
+plane once its operands outgrow the last-level cache. So narrow convs convolve their depth offsets as
+one stacked 2D conv (:func:`stacks_depth_offsets`), big YNNPACK convs run a chunk of depth planes at a
+time (:func:`chunks_depth`), and where either applies the input gradient of a stride-1 conv is the conv
+of the output gradient with the flipped kernel. :func:`conv3d_of_upsampled` convolves a nearest-upsampled
+map (a UNet decoder's) at its low resolution, on every lowering.
 """
 
 from __future__ import annotations
@@ -215,13 +223,20 @@ DEPTH_CHUNK_BYTES = 4 << 20
 
 
 def _out_hw(shape, kernel_shape, strides, padding) -> tuple[int, int]:
+    """Height and width of the conv's output."""
     return tuple(
         (n + lo + hi - k) // s + 1
         for n, k, s, (lo, hi) in zip(shape[2:4], kernel_shape[1:3], strides[1:], padding[1:])
     )
 
 
-def chunks_depth(x_shape, kernel_shape, strides, padding, stack_offsets: bool = False) -> bool:
+def chunks_depth(
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Padding,
+    stack_offsets: bool = False,
+) -> bool:
     """Whether :func:`_conv3d_depth2d` runs this depth-stride-1 conv in chunks of output planes: when its
     2D convs run on YNNPACK (XLA:CPU's choice for more than 16 input or output channels; the stacked
     conv has ``kd * co`` outputs) and their input and output, all depth offsets, exceed
