@@ -14,7 +14,6 @@ from cinjax.models.layers import conv as conv_module
 from cinjax.models.layers.conv import (
     Conv3d,
     conv3d,
-    conv3d_of_upsampled,
     folds_upsample,
     kernel_grad_blocked,
     resolve_conv_impl,
@@ -256,7 +255,7 @@ def test_conv_of_upsampled_equals_conv_of_the_upsampled_map(kernel, stride, padd
     def loss(fold):
         def f(u, w):
             if fold:
-                y = conv3d_of_upsampled(Upsampled(u, factor), w, strides=stride, padding=padding, impl=impl)
+                y = conv3d(Upsampled(u, factor), w, strides=stride, padding=padding, impl=impl)
             else:
                 y = conv3d(upsample_nearest(u, factor), w, strides=stride, padding=padding, impl="lax")
             return jnp.sum(y * jnp.cos(y)), y

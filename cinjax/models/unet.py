@@ -134,7 +134,7 @@ class UNet(nn.Module):
         for j in range(levels - 1):
             s = levels - 2 - j
             # The unit takes [skip, upsampled] as channel blocks: neither their concatenation nor the
-            # upsampled map is materialised (its convs run at low resolution, conv3d_of_upsampled).
+            # upsampled map is materialised (conv3d convolves it at low resolution).
             x = (skips.pop(), Upsampled(x, strides[s + 1]))
             x = unit(channels[s], 1, self.decoder_norm, f"up_{j}")(x, modality, train)
         x = Conv3d(

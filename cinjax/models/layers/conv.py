@@ -20,8 +20,8 @@ output channels on Eigen (slow when narrow) and a wider one on YNNPACK, and YNNP
 plane once its operands outgrow the last-level cache. So narrow convs convolve their depth offsets as
 one stacked 2D conv (:func:`stacks_depth_offsets`), big YNNPACK convs run a chunk of depth planes at a
 time (:func:`chunks_depth`), and where either applies the input gradient of a stride-1 conv is the conv
-of the output gradient with the flipped kernel. :func:`conv3d_of_upsampled` convolves a nearest-upsampled
-map (a UNet decoder's) at its low resolution, on every lowering.
+of the output gradient with the flipped kernel. :func:`conv3d` convolves a nearest-upsampled map (a
+UNet decoder's :class:`~cinjax.models.layers.upsample.Upsampled`) at its low resolution, on every lowering.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def same_padding(kernel_size: int | Sequence[int]) -> tuple[tuple[int, int], ...
 
 
 def conv3d(
-    x: jax.Array,
+    x: jax.Array | Upsampled,
     kernel: jax.Array,
     *,
     strides: int | Sequence[int] = 1,
@@ -71,11 +71,14 @@ def conv3d(
     """3D convolution, NDHWC input, DHWIO kernel, explicit (lo, hi) padding per spatial axis.
 
     ``padding=None`` means PyTorch-style symmetric ``(k-1)//2``. The result does not depend on
-    ``impl`` beyond float summation order.
+    ``impl`` beyond float summation order. An :class:`~cinjax.models.layers.upsample.Upsampled` input
+    is convolved at its low resolution where that folds (:func:`_conv3d_of_upsampled`).
     """
     strides = triple(strides, "strides")
     kd, kh, kw = kernel.shape[:3]
     padding = tuple(tuple(p) for p in (padding if padding is not None else same_padding((kd, kh, kw))))
+    if isinstance(x, Upsampled):
+        return _conv3d_of_upsampled(x, kernel, strides, padding, impl, precision)
     impl = resolve_conv_impl(impl)
     if (kd, kh, kw) == (1, 1, 1) and strides == (1, 1, 1) and padding == ((0, 0),) * 3:
         return jnp.einsum("bdhwi,io->bdhwo", x, kernel[0, 0, 0], precision=precision)
@@ -95,7 +98,7 @@ _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.floa
 
 
 def folds_upsample(kernel_size: Sequence[int], strides: Sequence[int], padding: Padding, factor: int) -> bool:
-    """Whether :func:`conv3d_of_upsampled` convolves at low resolution: a 2x upsampled input, stride 1,
+    """Whether :func:`conv3d` convolves an upsampled input at low resolution: a 2x upsampled input, stride 1,
     and a 3x3x3 kernel with padding 1 or a 1x1x1 one (a UNet decoder's convs); otherwise it upsamples."""
     kernel_size, strides = tuple(kernel_size), tuple(strides)
     padding = tuple(tuple(p) for p in padding)
@@ -104,15 +107,7 @@ def folds_upsample(kernel_size: Sequence[int], strides: Sequence[int], padding: 
     return factor == 2 and strides == (1, 1, 1) and (same3 or pointwise)
 
 
-def conv3d_of_upsampled(
-    x: Upsampled,
-    kernel: jax.Array,
-    *,
-    strides: int | Sequence[int] = 1,
-    padding: Padding | None = None,
-    impl: str = "auto",
-    precision: lax.PrecisionLike = None,
-) -> jax.Array:
+def _conv3d_of_upsampled(x: Upsampled, kernel, strides, padding, impl, precision) -> jax.Array:
     """``conv3d(x.materialize(), kernel, ...)`` computed from the low-resolution map where it folds.
 
     Output voxel ``2m + p`` (per axis) of a 3-tap conv over a 2x nearest-upsampled map reads only rows
@@ -122,9 +117,7 @@ def conv3d_of_upsampled(
     and the phases interleave into the result. 8 taps per output voxel instead of 27, and the upsampled
     map is never built. A 1x1x1 conv commutes with the upsampling. Equal up to float summation order.
     """
-    strides = triple(strides, "strides")
     kernel_size = tuple(kernel.shape[:3])
-    padding = tuple(tuple(p) for p in (padding if padding is not None else same_padding(kernel_size)))
     if not folds_upsample(kernel_size, strides, padding, x.factor):
         return conv3d(
             x.materialize(), kernel, strides=strides, padding=padding, impl=impl, precision=precision
@@ -555,7 +548,7 @@ class Conv3d(nn.Module):
     channel blocks of one input (a UNet decoder's ``[skip, upsampled]``): the result equals the conv of
     their concatenation, computed as a sum of convs over the blocks, so the concatenation is never
     materialised (and XLA's CPU convs run much faster on 8-16 input channels than on 24+). A block may
-    be an :class:`~cinjax.models.layers.upsample.Upsampled` map, convolved by :func:`conv3d_of_upsampled`.
+    be an :class:`~cinjax.models.layers.upsample.Upsampled` map, convolved at its low resolution.
     """
 
     features: int
@@ -581,7 +574,7 @@ class Conv3d(nn.Module):
         y, start = None, 0
         for part in parts:
             stop = start + part.shape[-1]
-            term = (conv3d_of_upsampled if isinstance(part, Upsampled) else conv3d)(
+            term = conv3d(
                 part.astype(dtype),
                 kernel[..., start:stop, :],
                 strides=self.strides,

@@ -1,7 +1,7 @@
 """Nearest-neighbour upsampling, eager or kept at low resolution for the conv that reads it.
 
 A UNet decoder convolves ``upsample_nearest(u, 2)``; every 3x3x3 window of that map sees only a 2x2x2
-neighbourhood of ``u``, so :func:`cinjax.models.layers.conv.conv3d_of_upsampled` computes the same conv
+neighbourhood of ``u``, so :func:`cinjax.models.layers.conv.conv3d` computes the same conv
 from ``u`` itself with 8/27 of the multiply-adds. :class:`Upsampled` carries ``u`` and the factor to it.
 """
 
