@@ -1,12 +1,14 @@
 """The benchmark studies through the real CLI, tiny: `python -m benchmarks.ablation` (two variants, one
 seed, two steps) writes valid JSON, Markdown and a PNG, and a second invocation reruns no finished cell;
-`python -m benchmarks.single_source` (style training with the InfoNCE term) writes valid JSON."""
+`python -m benchmarks.single_source` (style training with the InfoNCE term) writes valid JSON,
+with `--projection` reaching the InfoNCE variants alone."""
 
 import json
 import math
 import os
 
-from _cli import run_module
+import pytest
+from _cli import REPO, run_module
 from PIL import Image
 
 
@@ -53,6 +55,7 @@ def test_tiny_ablation_writes_json_markdown_png_and_resumes(tmp_path):
 def test_tiny_single_source_run_writes_json(tmp_path):
     out = tmp_path / "study"
     args = ["--out", str(out), "--tiny", "--seeds", "0", "--variants", "ct_to_mr_style_nce"]
+    args += ["--projection", "8"]
     args += [
         "--set",
         f"config.data.root={tmp_path / 'phantom'}",
@@ -66,6 +69,7 @@ def test_tiny_single_source_run_writes_json(tmp_path):
     assert all(0.0 <= r["mean_dice"] <= 1.0 for r in cell["modalities"].values())
     config = json.load(open(out / "runs" / "ct_to_mr_style_nce" / "seed0" / "phase0" / "config.json"))
     assert config["style"]["enabled"] and config["style"]["info_nce_weight"] == 0.1
+    assert config["style"]["info_nce_projection"] == 8 and doc["info_nce_projection"] == 8
     assert config["loader"]["mode"] == "single" and config["loader"]["single_modality_name"] == "CT"
     train = [
         json.loads(line)
@@ -73,3 +77,17 @@ def test_tiny_single_source_run_writes_json(tmp_path):
     ]
     logged = [r for r in train if r["stream"] == "train"]
     assert logged and all(r["info_nce"] > 0 for r in logged)  # the term is computed and logged
+
+
+def test_single_source_projection_reaches_only_the_info_nce_variants(tmp_path, monkeypatch):
+    """``--projection N`` adds the head override to the InfoNCE variants only; a negative width fails."""
+    monkeypatch.syspath_prepend(REPO)
+    from benchmarks import single_source
+
+    head = "config.style.info_nce_projection=16"
+    for projection in (0, 16):
+        for v in single_source.variants(4, 0.1, projection):
+            overrides = [o for phase in v.phases for o in phase.overrides]
+            assert (head in overrides) == (projection == 16 and v.name.endswith("_style_nce")), v.name
+    with pytest.raises(SystemExit):
+        single_source.main(["--out", str(tmp_path / "s"), "--projection", "-1"])
