@@ -151,10 +151,14 @@ def _autodiff_kernel_grad(x, w, stride, padding):
     return dy, vjp(dy)[0]
 
 
-# Output-gradient patches need height and width stride 1 (refusing the others is tested below).
-KERNEL_GRAD_CASES = [(*case, "input") for case in CASES] + [
-    (*case, "output_grad") for case in CASES if triple(case[1], "stride")[1:] == (1, 1)
-]
+# Output-gradient patches need height and width stride 1, input-plane patches depth stride 1 (refusing
+# the others is tested below); the last input-plane case has in-plane strides.
+KERNEL_GRAD_CASES = (
+    [(*case, "input") for case in CASES]
+    + [(*case, "output_grad") for case in CASES if triple(case[1], "stride")[1:] == (1, 1)]
+    + [(*case, "input_plane") for case in CASES if triple(case[1], "stride")[0] == 1]
+    + [(3, (1, 2, 2), ((1, 1), (1, 0), (0, 1)), "input_plane")]
+)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, patches", KERNEL_GRAD_CASES)
@@ -179,18 +183,37 @@ def test_blocked_kernel_gradient_refuses_output_grad_patches_for_in_plane_stride
         )
 
 
-def test_blocked_kernel_gradient_auto_picks_output_grad_patches_for_wide_inputs(monkeypatch):
-    """The product's path (``"auto"``) takes the output-gradient patches on 16+ input channels."""
-    calls = []
-    real = conv_module._kernel_grad_output_grad_patches
-    monkeypatch.setattr(
-        conv_module, "_kernel_grad_output_grad_patches", lambda *a: calls.append(1) or real(*a)
-    )
-    x, w = _data(3, c_in=16, c_out=8, shape=(1, 3, 16, 16))
-    dy, want = _autodiff_kernel_grad(x, w, 1, None)
-    got = kernel_grad_blocked(x, dy, (3, 3, 3), (1, 1, 1), same_padding(3))
-    assert calls, "auto did not take the output-gradient patches"
-    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(np.asarray(want)).max())
+def test_blocked_kernel_gradient_refuses_input_plane_patches_for_depth_strides():
+    x, _ = _data(3)
+    with pytest.raises(ValueError, match="depth stride 1"):
+        kernel_grad_blocked(
+            x, np.zeros((2, 4, 3, 3, 4), np.float32), (3, 3, 3), (2, 1, 1), same_padding(3), "input_plane"
+        )
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, kernel, strides, want",
+    [
+        (8, 8, 3, (1, 1, 1), "input_plane"),  # the 64^3 convs of a narrow UNet level
+        (1, 12, 3, (1, 2, 2), "input_plane"),
+        (16, 64, 2, (1, 1, 1), "input"),  # the decoder's folded conv: wide outputs
+        (8, 16, 3, (2, 2, 2), "input"),  # depth stride
+        (16, 8, 3, (1, 1, 1), "output_grad"),
+    ],
+)
+def test_blocked_kernel_gradient_auto_choice(c_in, c_out, kernel, strides, want, monkeypatch):
+    """``"auto"`` (the product's path) takes the patches that measured fastest for the shape."""
+    taken = []
+    for name in ("input", "input_plane", "output_grad"):
+        real = getattr(conv_module, f"_kernel_grad_{name}_patches")
+        monkeypatch.setattr(
+            conv_module, f"_kernel_grad_{name}_patches", lambda *a, n=name, f=real: taken.append(n) or f(*a)
+        )
+    x, w = _data(kernel, c_in=c_in, c_out=c_out, shape=(1, 4, 16, 16))
+    dy, want_grad = _autodiff_kernel_grad(x, w, strides, None)
+    got = kernel_grad_blocked(x, dy, w.shape[:3], strides, same_padding(kernel))
+    assert taken == [want]
+    np.testing.assert_allclose(got, want_grad, atol=1e-5 * np.abs(np.asarray(want_grad)).max())
 
 
 TORCH_CASES = [(3, 1, None), (3, 2, None), (1, 1, ((0, 0),) * 3), (2, 2, ((0, 0),) * 3)]

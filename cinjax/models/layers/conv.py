@@ -410,7 +410,7 @@ _conv3d_cpu.defvjp(_conv3d_cpu_fwd, _conv3d_cpu_bwd)
 
 # Bytes of im2col patches per block of :func:`kernel_grad_blocked`: about a core's L2 cache.
 PATCH_BLOCK_BYTES = 1 << 20
-PATCHES = ("auto", "input", "output_grad")
+PATCHES = ("auto", "input", "input_plane", "output_grad")
 
 
 def kernel_grad_blocked(
@@ -430,12 +430,19 @@ def kernel_grad_blocked(
     copied side by side, once per block:
 
     * ``"input"``: the ``kd*kh*kw`` windows of the input (any strides).
+    * ``"input_plane"``: the ``kh*kw`` in-plane windows of one input plane, against the ``kd`` output
+      gradient planes that plane meets, side by side along channels (depth stride 1 only): one matmul
+      per block with ``kd*co`` rows instead of ``co``, and ``kh*kw*ci + kd*co`` values copied per
+      position.
     * ``"output_grad"``: the ``kh*kw`` in-plane windows of the zero-padded output gradient, against the
       ``kd`` input planes as they lie (height and width stride 1 only). ``kh*kw*co + kd*ci`` values are
       copied per position instead of ``kd*kh*kw*ci``.
-    * ``"auto"``: ``"output_grad"`` where it measured faster on 2-core x86 CPUs (stride 1 in-plane, at
-      least 16 input channels, no more output channels than input channels, planes of 16+ rows; e.g.
-      16 -> 8 channels at 64^3: 2-2.5x), else ``"input"``. Both are tested equal to autodiff.
+    * ``"auto"``: what measured fastest on 2-core x86 CPUs: ``"output_grad"`` for stride 1 in-plane, at
+      least 16 input channels, no more output channels than input channels and planes of 16+ rows
+      (16 -> 8 channels at 64^3: 2-2.5x faster than ``"input"``); ``"input_plane"`` for depth stride 1,
+      fewer than 16 input and at most 16 output channels (batch 2 at 64^3: 8 -> 8 channels 45-53 ->
+      33-42 ms, 12 -> 12 132 -> 95 ms, 1 -> 8 28 -> 19 ms; wider outputs lose: the decoder's folded
+      16 -> 64 conv 13.5 -> 34 ms); else ``"input"``. All are tested equal to autodiff.
     """
     if patches not in PATCHES:
         raise ValueError(f"Unknown patches {patches!r}; expected one of {PATCHES}.")
@@ -443,12 +450,20 @@ def kernel_grad_blocked(
     in_plane_stride_1 = tuple(strides[1:]) == (1, 1)
     if patches == "output_grad" and not in_plane_stride_1:
         raise ValueError(f"patches='output_grad' needs height and width stride 1, got strides {strides}.")
+    if patches == "input_plane" and strides[0] != 1:
+        raise ValueError(f"patches='input_plane' needs depth stride 1, got strides {strides}.")
     if patches == "auto":
-        fast = in_plane_stride_1 and ci >= 16 and co <= ci and oh >= 16
-        patches = "output_grad" if fast else "input"
+        if in_plane_stride_1 and ci >= 16 and co <= ci and oh >= 16:
+            patches = "output_grad"
+        elif strides[0] == 1 and ci < 16 and co <= 16:
+            patches = "input_plane"
+        else:
+            patches = "input"
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     if patches == "input":
         return _kernel_grad_input_patches(xp, dy, kernel_size, strides)
+    if patches == "input_plane":
+        return _kernel_grad_input_plane_patches(xp, dy, kernel_size, strides[1:])
     return _kernel_grad_output_grad_patches(xp, dy, kernel_size, strides[0])
 
 
@@ -498,6 +513,44 @@ def _kernel_grad_input_patches(xp, dy, kernel_size, strides):
     acc = jnp.zeros((co, kd * kh * kw * ci), jnp.float32)
     acc, _ = lax.scan(block, acc, jnp.arange(n * od * blocks))
     return acc.T.reshape(kd, kh, kw, ci, co)
+
+
+def _kernel_grad_input_plane_patches(xp, dy, kernel_size, in_plane_strides):
+    """In-plane input windows as patches (depth stride 1).
+
+    With ``e = d + a`` the sum runs over the padded input's planes: ``dW[a, b, c] = sum xpad[n, e,
+    h*sh + b, w*sw + c]^T dy[n, e - a, h, w]`` (zero outside ``dy``). Per block of rows of input plane
+    ``e``, its ``kh*kw`` windows are stacked along channels, and the output-gradient planes ``e - a``
+    for all ``a`` (``dy`` zero-padded by ``kd - 1`` in depth) side by side along channels: one
+    ``(kd*co, kh*kw*ci)`` matmul per block.
+    """
+    (kd, kh, kw), (sh, sw) = kernel_size, in_plane_strides
+    n, od, oh, ow, co = dy.shape
+    _, dp, _, wp, ci = xp.shape
+    dyp = jnp.pad(dy, ((0, 0), (kd - 1, kd - 1), (0, 0), (0, 0), (0, 0)))
+    rows = _rows_per_block(oh, ow * (kh * kw * ci + kd * co) * xp.dtype.itemsize)
+    blocks = oh // rows
+    in_rows = sh * (rows - 1) + kh
+
+    def block(acc, index):
+        b, e, r = index // (dp * blocks), (index // blocks) % dp, index % blocks
+        slab = lax.dynamic_slice(xp, (b, e, r * rows * sh, 0, 0), (1, 1, in_rows, wp, ci))[0, 0]
+        cols = jnp.concatenate(
+            [
+                lax.slice(slab, (i, j, 0), (i + sh * (rows - 1) + 1, j + sw * (ow - 1) + 1, ci), (sh, sw, 1))
+                for i in range(kh)
+                for j in range(kw)
+            ],
+            axis=-1,
+        ).reshape(rows * ow, kh * kw * ci)
+        # dyp planes e .. e + kd - 1 are dy planes e - (kd - 1) .. e, i.e. offsets a = kd - 1 .. 0.
+        g = lax.dynamic_slice(dyp, (b, e, r * rows, 0, 0), (1, kd, rows, ow, co))[0, ::-1]
+        g = jnp.moveaxis(g, 0, 2).reshape(rows * ow, kd * co)
+        return acc + lax.dot_general(g, cols, _CONTRACT_ROWS, preferred_element_type=jnp.float32), None
+
+    acc = jnp.zeros((kd * co, kh * kw * ci), jnp.float32)
+    acc, _ = lax.scan(block, acc, jnp.arange(n * dp * blocks))
+    return acc.reshape(kd, co, kh, kw, ci).transpose(0, 2, 3, 4, 1)
 
 
 def _kernel_grad_output_grad_patches(xp, dy, kernel_size, sd):
