@@ -17,6 +17,7 @@ from cinjax.models.layers.norms import (
     check_modality_ids,
     cin_layers,
     instance_norm_affine,
+    instance_norm_prelu,
     layer_normalize,
     make_norm,
 )
@@ -275,6 +276,91 @@ def test_instance_norm_affine_bf16_gradients_match_fp32():
     assert y16.dtype == jnp.bfloat16
     for got, want in zip(vjp16(dy.astype(jnp.bfloat16)), vjp32(dy), strict=True):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "shape, offset", [((2, 5, 6, 7, 3), 1.5), ((3, 11, 4), -2.0), ((2, 6, 5, 4, 2), 1e3)]
+)
+def test_instance_norm_prelu_values_and_gradients_match_torch_autograd(shape, offset):
+    """The fused norm + PReLU (one-pass statistics, hand-written backward pass) equals autograd through an
+    fp64 instance norm, affine and PReLU, in values and every gradient (x, scale, bias, slope). The offset
+    of 1e3 standard deviations is where an unshifted one-pass variance would lose its digits in fp32."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) + offset).astype(np.float32)
+    scale = rng.standard_normal((shape[0], shape[-1])).astype(np.float32)
+    bias = rng.standard_normal((shape[0], shape[-1])).astype(np.float32)
+    slope = np.float32(0.25)
+    dz = rng.standard_normal(shape).astype(np.float32)
+    args = (jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), jnp.asarray(slope))
+    z, vjp = jax.vjp(instance_norm_prelu, *args)
+    grads = vjp(jnp.asarray(dz))
+
+    tx, ts, tb, ta = (
+        torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, scale, bias, slope)
+    )
+    normed = torch.nn.functional.instance_norm(tx.movedim(-1, 1), eps=1e-5).movedim(1, -1)
+    bshape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
+    tz = torch.nn.functional.prelu(normed * ts.reshape(bshape) + tb.reshape(bshape), ta.reshape(1))
+    tz.backward(torch.tensor(dz, dtype=torch.float64))
+    tol = 1e-4 if abs(offset) < 10 else 1e-3  # fp32 inputs near 1e3 carry ~6e-5 absolute rounding
+    np.testing.assert_allclose(np.asarray(z), tz.detach().numpy(), rtol=tol, atol=tol)
+    assert (tz.detach().numpy() < 0).any() and (tz.detach().numpy() > 0).any()  # both PReLU branches
+    for got, want in zip(grads, (tx.grad, ts.grad, tb.grad, ta.grad), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want.numpy().reshape(np.shape(got)), rtol=tol, atol=tol)
+
+
+def test_instance_norm_prelu_bf16_gradients_match_fp32():
+    """bf16 in, bf16 out, fp32 statistics and slope gradient: within bf16 rounding of the fp32 ones."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 8, 4)), jnp.float32)
+    scale, bias = (jnp.asarray(rng.standard_normal((2, 4)), jnp.float32) for _ in range(2))
+    slope = jnp.float32(0.25)
+    dz = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    _, vjp32 = jax.vjp(instance_norm_prelu, x, scale, bias, slope)
+    z16, vjp16 = jax.vjp(instance_norm_prelu, x.astype(jnp.bfloat16), scale, bias, slope)
+    assert z16.dtype == jnp.bfloat16
+    grads16 = vjp16(dz.astype(jnp.bfloat16))
+    assert grads16[3].dtype == jnp.float32
+    for got, want in zip(grads16, vjp32(dz), strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [NormSpec("instance_cond", num_modalities=M), NormSpec("instance"), NormSpec("instance", affine=False)],
+)
+def test_conv_block_fuses_norm_and_prelu_with_the_same_params_values_and_gradients(spec):
+    """MI-Seg's conv block (conv -> norm -> PReLU) takes the fused path without dropout: the same
+    parameter tree, values and gradients as the separate norm and PReLU (the dropout block in eval)."""
+    from cinjax.models.blocks.residual_unit import Convolution
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 6, 3)) + 0.5, jnp.float32)
+    modality = jnp.asarray([0, 2], jnp.int32)
+    fused, separate = Convolution(4, norm=spec), Convolution(4, norm=spec, dropout=0.1)
+    variables = fused.init(jax.random.key(0), x, modality)
+    assert jax.tree.structure(variables) == jax.tree.structure(separate.init(jax.random.key(0), x, modality))
+    assert "negative_slope" in variables["params"]["act"]
+
+    def loss(module, v, x):
+        return jnp.sum(jnp.sin(module.apply(v, x, modality)))
+
+    (v1, g1), (v2, g2) = (
+        jax.value_and_grad(lambda v, x, m=m: loss(m, v, x), argnums=(0, 1))(variables, x)
+        for m in (fused, separate)
+    )
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    np.testing.assert_allclose(g1[1], g2[1], rtol=1e-4, atol=1e-5)  # the input's
+    flat1, flat2 = jax.tree_util.tree_flatten_with_path(g1[0])[0], jax.tree.leaves(g2[0])
+    kernel_scale = float(jnp.max(jnp.abs(g1[0]["params"]["conv"]["kernel"])))
+    for (path, a), b in zip(flat1, flat2, strict=True):
+        if jax.tree_util.keystr(path).endswith("['conv']['bias']"):
+            # Zero in exact arithmetic (the norm removes the channel mean): float noise on both paths.
+            assert max(float(jnp.max(jnp.abs(a))), float(jnp.max(jnp.abs(b)))) < 1e-3 * kernel_scale
+        else:  # fp32 sums in another order: within 1e-5 of the leaf's largest entry
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b)))
+            )
 
 
 @pytest.mark.parametrize(

@@ -44,15 +44,20 @@ class Dense(nn.Module):
 
 
 class PReLU(nn.Module):
-    """PReLU with one shared slope ``negative_slope`` (PyTorch's default ``PReLU()``, init 0.25)."""
+    """PReLU with one shared slope ``negative_slope`` (PyTorch's default ``PReLU()``, init 0.25).
+
+    The slope is an attribute (``PReLU(name=...).negative_slope``) so that a parent can hand it to a norm
+    that applies the activation itself (:func:`~cinjax.models.layers.norms.instance_norm_prelu`).
+    """
 
     negative_slope_init: float = 0.25
     param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        slope = self.param(
+    def setup(self):
+        self.negative_slope = self.param(
             "negative_slope", nn.initializers.constant(self.negative_slope_init), (), self.param_dtype
         )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        return jnp.where(x32 >= 0, x32, slope.astype(jnp.float32) * x32).astype(x.dtype)
+        return jnp.where(x32 >= 0, x32, self.negative_slope.astype(jnp.float32) * x32).astype(x.dtype)

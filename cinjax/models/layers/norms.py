@@ -12,7 +12,9 @@ and the result is cast back to the input dtype.
   :class:`BatchNorm` (``batch``), :class:`GroupNorm` (``group``).
 
 CIN and the affine instance norm go through :func:`instance_norm_affine`, whose backward pass is
-written by hand (fewer passes over the activations than autodiff's).
+written by hand (fewer passes over the activations than autodiff's). Given a PReLU slope
+(``prelu_slope=``, as MI-Seg's conv blocks follow the norm with PReLU) they apply both through
+:func:`instance_norm_prelu`, one custom VJP with one-pass statistics that stores only its input.
 
 Blocks take a :class:`NormSpec` (which norm to build, hashable so it can be a module field) and call
 ``spec.make(module_name)``; nets turn their config fields (``encoder_norm``, ``norm_affine``, ...) into specs.
@@ -33,6 +35,7 @@ import numpy as np
 
 EPS = 1e-5
 NORM_NAMES = ("instance_cond", "instance", "layer", "batch", "group")
+FUSES_PRELU = ("instance_cond", "instance")  # norms that apply a following PReLU themselves
 
 
 def check_modality_ids(modality: Any, num_modalities: int, names: Sequence[str] | None = None) -> None:
@@ -119,6 +122,79 @@ def _instance_norm_affine_bwd(eps, residuals, dy):
 instance_norm_affine.defvjp(_instance_norm_affine_fwd, _instance_norm_affine_bwd)
 
 
+def _one_pass_moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """fp32 mean and biased variance from one pass over ``x`` (the sums of ``d`` and ``d^2`` together).
+
+    ``d = x - shift``, with ``shift`` the mean of the first slice along the first spatial axis: the
+    cancellation in ``E[d^2] - E[d]^2`` then grows with how far the mean lies from that slice's mean, in
+    standard deviations, not from zero (a plain one-pass variance of conv outputs with a large offset loses
+    every digit).
+    """
+    x32 = x.astype(jnp.float32)
+    shift = jnp.mean(x32[:, :1], axis=axes, keepdims=True)
+    d = x32 - shift
+    n = math.prod(x.shape[a] for a in axes)
+    s1, s2 = jnp.sum(d, axis=axes, keepdims=True) / n, jnp.sum(d * d, axis=axes, keepdims=True) / n
+    return shift + s1, jnp.maximum(s2 - s1 * s1, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def instance_norm_prelu(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, slope: jax.Array, eps: float = EPS
+) -> jax.Array:
+    """``prelu(instance_norm_affine(x, scale, bias), slope)`` in ``x``'s dtype, from one pass of fp32
+    statistics; ``slope`` is PReLU's shared scalar.
+
+    The backward pass recomputes the norm's output from the stored input (its only full-size residual,
+    in ``x``'s dtype: bf16 under bf16 compute) and makes two passes over ``x`` and the output gradient:
+    one multi-output reduction (the scale, bias and slope gradients) and one elementwise pass for ``dx``.
+    Apart, the norm stores its input and PReLU its own, and PReLU's input gradient is written and read
+    back between the two. Statistics and gradients are fp32.
+    """
+    return _instance_norm_prelu_fwd(x, scale, bias, slope, eps)[0]
+
+
+def _instance_norm_prelu_fwd(x, scale, bias, slope, eps):
+    axes = tuple(range(1, x.ndim - 1))
+    if not axes:
+        raise ValueError(f"Instance norm needs at least one spatial axis, got shape {x.shape}.")
+    mean, var = _one_pass_moments(x, axes)
+    rstd = jax.lax.rsqrt(var + eps)
+    bshape = (x.shape[0],) + (1,) * len(axes) + (x.shape[-1],)
+    g, b = scale.astype(jnp.float32).reshape(bshape), bias.astype(jnp.float32).reshape(bshape)
+    a = slope.astype(jnp.float32)
+    y = (x.astype(jnp.float32) - mean) * (rstd * g) + b
+    return jnp.where(y >= 0, y, a * y).astype(x.dtype), (x, mean, rstd, g, b, slope)
+
+
+def _instance_norm_prelu_bwd(eps, residuals, dz):
+    x, mean, rstd, g, b, slope = residuals
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1])
+    a = slope.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    y = xhat * g + b
+    dz32 = dz.astype(jnp.float32)
+    positive = y >= 0
+    dy = jnp.where(positive, dz32, a * dz32)
+    dslope = jnp.sum(jnp.where(positive, 0.0, dz32 * y))
+    dbias = jnp.sum(dy, axis=axes, keepdims=True)
+    dscale = jnp.sum(dy * xhat, axis=axes, keepdims=True)
+    dx = (rstd * g) * (dy - dbias / count - xhat * (dscale / count))
+    shape = (x.shape[0], x.shape[-1])
+    return dx.astype(x.dtype), dscale.reshape(shape), dbias.reshape(shape), dslope.astype(slope.dtype)
+
+
+instance_norm_prelu.defvjp(_instance_norm_prelu_fwd, _instance_norm_prelu_bwd)
+
+
+def _affine_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, prelu_slope: Any) -> jax.Array:
+    """The instance norm with per-sample affine ``(B, C)``, then PReLU where a slope is given."""
+    if prelu_slope is None:
+        return instance_norm_affine(x, scale, bias, eps)
+    return instance_norm_prelu(x, scale, bias, jnp.asarray(prelu_slope), eps)
+
+
 def layer_normalize(x: jax.Array, eps: float = EPS) -> jax.Array:
     """Normalise each position over the channel axis (fp32 result, no affine)."""
     mean, var = _moments(x, (x.ndim - 1,))
@@ -173,7 +249,14 @@ class ConditionalInstanceNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        modality: jax.Array | None = None,
+        train: bool = False,
+        prelu_slope: jax.Array | None = None,
+    ) -> jax.Array:
+        """``prelu_slope``: apply PReLU with that shared slope too, fused (:func:`instance_norm_prelu`)."""
         if modality is None:
             raise ValueError(
                 "ConditionalInstanceNorm needs a modality id per sample (int array of shape (B,))."
@@ -192,7 +275,7 @@ class ConditionalInstanceNorm(nn.Module):
         nan = jnp.float32(jnp.nan)
         g = jnp.where(valid[:, None], scale.astype(jnp.float32)[idx], nan)
         b = jnp.where(valid[:, None], bias.astype(jnp.float32)[idx], nan)
-        return instance_norm_affine(x, g, b, self.epsilon)
+        return _affine_norm(x, g, b, self.epsilon, prelu_slope)
 
 
 class InstanceNorm(nn.Module):
@@ -203,14 +286,24 @@ class InstanceNorm(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, modality: jax.Array | None = None, train: bool = False) -> jax.Array:
-        if not self.affine:
-            return instance_normalize(x, self.epsilon).astype(x.dtype)
+    def __call__(
+        self,
+        x: jax.Array,
+        modality: jax.Array | None = None,
+        train: bool = False,
+        prelu_slope: jax.Array | None = None,
+    ) -> jax.Array:
+        """``prelu_slope``: apply PReLU with that shared slope too, fused (:func:`instance_norm_prelu`)."""
         c = x.shape[-1]
+        per_sample = lambda v: jnp.broadcast_to(v.astype(jnp.float32), (x.shape[0], c))  # noqa: E731
+        if not self.affine:
+            if prelu_slope is None:
+                return instance_normalize(x, self.epsilon).astype(x.dtype)
+            ones = jnp.ones((c,), jnp.float32)
+            return _affine_norm(x, per_sample(ones), per_sample(0.0 * ones), self.epsilon, prelu_slope)
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        per_sample = lambda v: jnp.broadcast_to(v.astype(jnp.float32), (x.shape[0], c))  # noqa: E731
-        return instance_norm_affine(x, per_sample(scale), per_sample(bias), self.epsilon)
+        return _affine_norm(x, per_sample(scale), per_sample(bias), self.epsilon, prelu_slope)
 
 
 class LayerNorm(nn.Module):
@@ -311,6 +404,11 @@ class NormSpec:
     affine: bool = True
     num_groups: int = 4
     num_modalities: int = 2
+
+    @property
+    def fuses_prelu(self) -> bool:
+        """Whether the norm takes ``prelu_slope=`` (the instance norms: :func:`instance_norm_prelu`)."""
+        return self.name in FUSES_PRELU
 
     def make(self, module_name: str | None = None) -> nn.Module:
         """The norm module, named ``module_name`` in its parent."""
