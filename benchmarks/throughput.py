@@ -27,8 +27,11 @@ the headline ``volumes_per_min``.
 ``--reference torch`` (``benchmarks/torch_reference.py``) times MI-Seg's formulation of each case in the same
 process: on a GPU all of them first (before JAX takes the memory), on a CPU each right before its case
 (``reference``) and again right after it (``reference_after``). ``ratio_vs_reference`` = cinjax / PyTorch
-(crops/s, volumes/min), per case and in the headlines; on a GPU also ``reference_sync_free``. Parameter
-counts of both sides must agree.
+(crops/s, volumes/min), per case and in the headlines; on a GPU also ``reference_sync_free``. On a CPU the
+train cases are also timed step by step in turn with the PyTorch step (``reference_interleaved``, its
+``cinjax_step_s``, and ``ratio_vs_reference_interleaved``): the same-run ratio least moved by a drift of
+the machine's speed, which on shared VMs changes within a minute. Parameter counts of both sides must
+agree.
 
 JSON: ``{"train": {crops_per_s, step_s, tflops_per_s, mfu, [reference, ratio_vs_reference]}, "inference":
 {volumes_per_min, [reference, ratio_vs_reference]}, "loader": {crops_per_s, ...}, "env": {device_kind, jax,
@@ -337,6 +340,33 @@ def time_steps(
     return state, times, waits, last
 
 
+def time_interleaved(
+    step: Callable,
+    state: Any,
+    batches: Sequence[Any],
+    reference_step: Callable[[], None],
+    *,
+    warmup: int,
+    repeats: int,
+) -> tuple[Any, list[float], list[float]]:
+    """Seconds of ``repeats`` cinjax steps and ``repeats`` reference steps, one of each in turn (after
+    ``warmup`` of each): a drift of the machine's speed then reaches both sides alike."""
+    for i in range(warmup):
+        reference_step()
+        state, metrics = step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+    ours, theirs = [], []
+    for i in range(repeats):
+        start = time.perf_counter()
+        reference_step()
+        theirs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        state, metrics = step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        ours.append(time.perf_counter() - start)
+    return state, ours, theirs
+
+
 def time_loader(
     records: Mapping[str, Sequence[Any]],
     case: ml_collections.ConfigDict,
@@ -385,8 +415,10 @@ def run_train_case(
     mesh: jax.sharding.Mesh,
     records: Callable[[], Mapping[str, Sequence[Any]]],
     cache: CacheEvents,
+    reference_step: tuple[Callable[[], None], int] | None = None,
 ) -> dict[str, Any]:
-    """Compile, time and describe one train case in every mode of ``config.modes``."""
+    """Compile, time and describe one train case in every mode of ``config.modes``; with
+    ``reference_step`` (a PyTorch step and its parameter count) also step by step interleaved with it."""
     data_sharding = distributed.data_sharding(mesh)
     b, roi = case.batch_size, tuple(case.roi)
     if b % mesh.size:
@@ -446,6 +478,25 @@ def run_train_case(
             result["input_only"] = time_loader(records(), case, config, product, mesh)
         else:
             raise ValueError(f"Unknown mode {mode!r}; expected some of {MODES}.")
+    if reference_step is not None:
+        ref_step, ref_params = reference_step
+        if ref_params != result["params"]:
+            raise ValueError(
+                f"{name}: the PyTorch reference has {ref_params:,} parameters, cinjax {result['params']:,}: "
+                "not the same model."
+            )
+        state, ours, theirs = time_interleaved(
+            compiled, state, batches, ref_step, warmup=config.warmup_steps, repeats=config.repeats
+        )
+        ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+        result["reference_interleaved"] = {
+            "crops_per_s": b / theirs_s,
+            "step_s": theirs_s,
+            "step_s_all": theirs,
+            "cinjax_step_s": ours_s,
+            "cinjax_step_s_all": ours,
+        }
+        result["ratio_vs_reference_interleaved"] = theirs_s / ours_s
     headline = next((result[m] for m in ("synthetic", "pipeline") if m in result), {})
     result.update({k: headline[k] for k in ("crops_per_s", "step_s", "tflops_per_s", "mfu") if k in headline})
     result["memory"]["device_peak_bytes_in_use"] = device_peak_bytes()
@@ -586,6 +637,21 @@ def torch_references(config: ml_collections.ConfigDict, names: Sequence[str]) ->
     return out
 
 
+def torch_train_step(config: ml_collections.ConfigDict, name: str) -> tuple[Callable[[], None], int]:
+    """MI-Seg's PyTorch train step of case ``name`` (CPU) and its parameter count, to interleave with ours."""
+    from benchmarks import torch_reference
+
+    case = config.cases[name]
+    return torch_reference.train_step_fn(
+        case.model.to_dict(),
+        batch_size=case.batch_size,
+        roi=tuple(case.roi),
+        loss_cfg=config.loss.to_dict(),
+        optim_cfg=config.optim.to_dict(),
+        seed=config.seed,
+    )
+
+
 def bracket_references(before: Mapping[str, dict], after: Mapping[str, dict]) -> dict[str, dict]:
     """The reference timed right before a case (the headline ``reference``) and right after it
     (``reference_after``, with its own ratio): a drift of the machine's speed shows as a gap between the
@@ -653,7 +719,9 @@ def run(config: ml_collections.ConfigDict, reference: str | None = None) -> dict
             before = torch_references(config, [name]) if bracket else {}
             print(f"cinjax: {name} ...", flush=True)
             if case.kind == "train":
-                result = run_train_case(name, case, config, mesh, records, cache)
+                ref_step = torch_train_step(config, name) if bracket else None
+                result = run_train_case(name, case, config, mesh, records, cache, ref_step)
+                del ref_step
             elif case.kind == "inference":
                 result = run_inference_case(name, case, config, cache)
             else:
@@ -728,6 +796,12 @@ def print_table(results: Mapping[str, Any]) -> None:
                     f"{c['name']:<28} {'torch sw=1':<12} vol/min {ref['volumes_per_min']:.2f}; ratio "
                     f"{c['ratio_vs_reference']:.2f}; params {params}"
                 )
+        if "reference_interleaved" in c:
+            r = c["reference_interleaved"]
+            print(
+                f"{c['name']:<28} {'interleaved':<12} cinjax {r['cinjax_step_s']:.3f} s, torch "
+                f"{r['step_s']:.3f} s per step; ratio {c['ratio_vs_reference_interleaved']:.2f}"
+            )
         if "reference_sync_free" in c:
             print(
                 f"{c['name']:<28} {'vs torch without CIN host syncs':<32} ratio "

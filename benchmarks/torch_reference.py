@@ -313,6 +313,37 @@ def _predict_volume(net, volume, roi, overlap, modalities, amp: bool) -> torch.T
         )
 
 
+def _train_parts(model_cfg, batch_size, roi, loss_cfg, seed):
+    """The network, a batch (modalities alternating 0, 1, 0, ...) and MI-Seg's DiceFocal loss."""
+    dev = _setup(seed)
+    net = build(model_cfg).to(dev).train()
+    classes, m = int(model_cfg["out_channels"]), int(model_cfg["num_modalities"])
+    x = torch.randn(batch_size, 1, *roi, device=dev)
+    y = torch.randint(0, classes, (batch_size, 1, *roi), device=dev)
+    ids = np.arange(batch_size) % m
+    loss_fn = DiceFocalLoss(
+        to_onehot_y=True,
+        softmax=True,
+        squared_pred=True,
+        include_background=loss_cfg["include_background"],
+        smooth_nr=loss_cfg["smooth_nr"],
+        smooth_dr=loss_cfg["smooth_dr"],
+    )
+    return dev, net, x, y, ids, loss_fn
+
+
+def _adamw(net, optim_cfg):
+    if optim_cfg["name"] != "adamw":
+        raise ValueError(f"The PyTorch reference runs AdamW; got optim.name={optim_cfg['name']!r}.")
+    return torch.optim.AdamW(
+        net.parameters(),
+        lr=optim_cfg["lr"],
+        weight_decay=optim_cfg["weight_decay"],
+        betas=(optim_cfg["b1"], optim_cfg["b2"]),
+        eps=optim_cfg["eps"],
+    )
+
+
 def train_references(
     model_cfg: Mapping[str, Any],
     *,
@@ -327,35 +358,14 @@ def train_references(
 ) -> dict[str, dict[str, Any]]:
     """Median train-step time of MI-Seg's formulation: ``{"reference": ...}`` (+ ``"reference_sync_free"`` on
     a GPU, where the CIN host syncs cost). Modalities alternate in the batch (0, 1, 0, ...)."""
-    dev = _setup(seed)
+    dev, net, x, y, ids, loss_fn = _train_parts(model_cfg, batch_size, roi, loss_cfg, seed)
     amp = dev.type == "cuda"
-    net = build(model_cfg).to(dev).train()
-    classes, m = int(model_cfg["out_channels"]), int(model_cfg["num_modalities"])
-    x = torch.randn(batch_size, 1, *roi, device=dev)
-    y = torch.randint(0, classes, (batch_size, 1, *roi), device=dev)
-    ids = np.arange(batch_size) % m
-    loss_fn = DiceFocalLoss(
-        to_onehot_y=True,
-        softmax=True,
-        squared_pred=True,
-        include_background=loss_cfg["include_background"],
-        smooth_nr=loss_cfg["smooth_nr"],
-        smooth_dr=loss_cfg["smooth_dr"],
-    )
-    if optim_cfg["name"] != "adamw":
-        raise ValueError(f"The PyTorch reference runs AdamW; got optim.name={optim_cfg['name']!r}.")
     out = {}
     for key, sync_free in (("reference", False), ("reference_sync_free", True)):
         if sync_free and dev.type != "cuda":
             continue
         _reset_memory(dev)
-        opt = torch.optim.AdamW(
-            net.parameters(),
-            lr=optim_cfg["lr"],
-            weight_decay=optim_cfg["weight_decay"],
-            betas=(optim_cfg["b1"], optim_cfg["b2"]),
-            eps=optim_cfg["eps"],
-        )
+        opt = _adamw(net, optim_cfg)
         scaler = torch.amp.GradScaler(dev.type, enabled=amp)
         modalities = ids.tolist() if sync_free else torch.from_numpy(ids).to(dev)
         step = _train_step(net, loss_fn, opt, scaler, x, y, modalities, amp)
@@ -373,6 +383,25 @@ def train_references(
     del net
     _reset_memory(dev)
     return out
+
+
+def train_step_fn(
+    model_cfg: Mapping[str, Any],
+    *,
+    batch_size: int,
+    roi: Sequence[int],
+    loss_cfg: Mapping[str, Any],
+    optim_cfg: Mapping[str, Any],
+    seed: int = 0,
+) -> tuple[Callable[[], None], int]:
+    """One train step of MI-Seg's faithful formulation (CPU, fp32), returning once it is done, and the
+    network's parameter count: for timing step by step, interleaved with another implementation's."""
+    dev, net, x, y, ids, loss_fn = _train_parts(model_cfg, batch_size, roi, loss_cfg, seed)
+    if dev.type != "cpu":
+        raise ValueError("The interleaved reference runs on the CPU only (on a GPU JAX holds the memory).")
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    step = _train_step(net, loss_fn, _adamw(net, optim_cfg), scaler, x, y, torch.from_numpy(ids), amp=False)
+    return step, num_params(net)
 
 
 def inference_references(

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -104,6 +105,20 @@ def test_reference_fields_and_ratios(results):
     )
     assert "reference_sync_free" not in train  # GPU only
     assert results["env"]["torch"]
+
+
+def test_train_cases_are_also_timed_interleaved_with_the_reference(results):
+    """On the CPU each train case is also timed one cinjax step and one PyTorch step in turn."""
+    case = results["cases"][0]
+    inter = case["reference_interleaved"]
+    repeats = results["settings"]["repeats"]
+    assert len(inter["step_s_all"]) == len(inter["cinjax_step_s_all"]) == repeats
+    assert all(_positive(t) for t in inter["step_s_all"] + inter["cinjax_step_s_all"])
+    assert inter["step_s"] == pytest.approx(statistics.median(inter["step_s_all"]))
+    assert inter["crops_per_s"] == pytest.approx(case["batch_size"] / inter["step_s"])
+    assert case["ratio_vs_reference_interleaved"] == pytest.approx(inter["step_s"] / inter["cinjax_step_s"])
+    assert results["train"]["ratio_vs_reference_interleaved"] == case["ratio_vs_reference_interleaved"]
+    assert "reference_interleaved" not in results["cases"][1]  # inference keeps the before / after brackets
 
 
 def test_helpers_without_torch():
