@@ -1,5 +1,6 @@
 """Norm layers: ConditionalInstanceNorm against a numpy reference and its invariants (per-modality
-gradients, batch independence, invalid ids), fp32 statistics under bf16, plain norms against PyTorch."""
+gradients, batch independence, invalid ids), fp32 statistics under bf16, plain norms against PyTorch, the
+hand-written backward passes (norm, norm + PReLU) against PyTorch autograd."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cinjax.models.blocks.residual_unit import Convolution
 from cinjax.models.layers.norms import (
     BatchNorm,
     ConditionalInstanceNorm,
@@ -332,8 +334,6 @@ def test_instance_norm_prelu_bf16_gradients_match_fp32():
 def test_conv_block_fuses_norm_and_prelu_with_the_same_params_values_and_gradients(spec):
     """MI-Seg's conv block (conv -> norm -> PReLU) takes the fused path without dropout: the same
     parameter tree, values and gradients as the separate norm and PReLU (the dropout block in eval)."""
-    from cinjax.models.blocks.residual_unit import Convolution
-
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 6, 6, 6, 3)) + 0.5, jnp.float32)
     modality = jnp.asarray([0, 2], jnp.int32)
