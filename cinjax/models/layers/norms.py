@@ -94,29 +94,40 @@ def instance_norm_affine(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: f
     return _instance_norm_affine_fwd(x, scale, bias, eps)[0]
 
 
-def _instance_norm_affine_fwd(x, scale, bias, eps):
+def _normalize_affine(x, scale, bias, eps, moments):
+    """The fp32 output ``(x - mean) * rstd * g + b`` and its ``mean``, ``rstd``, ``g``, ``b`` (broadcastable
+    to ``x``), with the statistics from ``moments(x, axes)``."""
     axes = tuple(range(1, x.ndim - 1))
     if not axes:
         raise ValueError(f"Instance norm needs at least one spatial axis, got shape {x.shape}.")
-    mean, var = _moments(x, axes)
+    mean, var = moments(x, axes)
     rstd = jax.lax.rsqrt(var + eps)
     bshape = (x.shape[0],) + (1,) * len(axes) + (x.shape[-1],)
     g, b = scale.astype(jnp.float32).reshape(bshape), bias.astype(jnp.float32).reshape(bshape)
-    y = (x.astype(jnp.float32) - mean) * (rstd * g) + b
+    return (x.astype(jnp.float32) - mean) * (rstd * g) + b, mean, rstd, g, b
+
+
+def _normalize_affine_grads(x, xhat, rstd, g, dy):
+    """``dx`` (in ``x``'s dtype) and the ``(B, C)`` scale and bias gradients of :func:`_normalize_affine`
+    from the fp32 gradient ``dy`` of its output (``xhat = (x - mean) * rstd``)."""
+    axes = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1])
+    dbias = jnp.sum(dy, axis=axes, keepdims=True)
+    dscale = jnp.sum(dy * xhat, axis=axes, keepdims=True)
+    dx = (rstd * g) * (dy - dbias / count - xhat * (dscale / count))
+    shape = (x.shape[0], x.shape[-1])
+    return dx.astype(x.dtype), dscale.reshape(shape), dbias.reshape(shape)
+
+
+def _instance_norm_affine_fwd(x, scale, bias, eps):
+    y, mean, rstd, g, _ = _normalize_affine(x, scale, bias, eps, _moments)
     return y.astype(x.dtype), (x, mean, rstd, g)
 
 
 def _instance_norm_affine_bwd(eps, residuals, dy):
     x, mean, rstd, g = residuals
-    axes = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1])
-    dy32 = dy.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
-    dbias = jnp.sum(dy32, axis=axes, keepdims=True)
-    dscale = jnp.sum(dy32 * xhat, axis=axes, keepdims=True)
-    dx = (rstd * g) * (dy32 - dbias / count - xhat * (dscale / count))
-    shape = (x.shape[0], x.shape[-1])
-    return dx.astype(x.dtype), dscale.reshape(shape), dbias.reshape(shape)
+    return _normalize_affine_grads(x, xhat, rstd, g, dy.astype(jnp.float32))
 
 
 instance_norm_affine.defvjp(_instance_norm_affine_fwd, _instance_norm_affine_bwd)
@@ -155,34 +166,20 @@ def instance_norm_prelu(
 
 
 def _instance_norm_prelu_fwd(x, scale, bias, slope, eps):
-    axes = tuple(range(1, x.ndim - 1))
-    if not axes:
-        raise ValueError(f"Instance norm needs at least one spatial axis, got shape {x.shape}.")
-    mean, var = _one_pass_moments(x, axes)
-    rstd = jax.lax.rsqrt(var + eps)
-    bshape = (x.shape[0],) + (1,) * len(axes) + (x.shape[-1],)
-    g, b = scale.astype(jnp.float32).reshape(bshape), bias.astype(jnp.float32).reshape(bshape)
+    y, mean, rstd, g, b = _normalize_affine(x, scale, bias, eps, _one_pass_moments)
     a = slope.astype(jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * (rstd * g) + b
     return jnp.where(y >= 0, y, a * y).astype(x.dtype), (x, mean, rstd, g, b, slope)
 
 
 def _instance_norm_prelu_bwd(eps, residuals, dz):
     x, mean, rstd, g, b, slope = residuals
-    axes = tuple(range(1, x.ndim - 1))
-    count = math.prod(x.shape[1:-1])
-    a = slope.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
     y = xhat * g + b
     dz32 = dz.astype(jnp.float32)
     positive = y >= 0
-    dy = jnp.where(positive, dz32, a * dz32)
+    dy = jnp.where(positive, dz32, slope.astype(jnp.float32) * dz32)
     dslope = jnp.sum(jnp.where(positive, 0.0, dz32 * y))
-    dbias = jnp.sum(dy, axis=axes, keepdims=True)
-    dscale = jnp.sum(dy * xhat, axis=axes, keepdims=True)
-    dx = (rstd * g) * (dy - dbias / count - xhat * (dscale / count))
-    shape = (x.shape[0], x.shape[-1])
-    return dx.astype(x.dtype), dscale.reshape(shape), dbias.reshape(shape), dslope.astype(slope.dtype)
+    return *_normalize_affine_grads(x, xhat, rstd, g, dy), dslope.astype(slope.dtype)
 
 
 instance_norm_prelu.defvjp(_instance_norm_prelu_fwd, _instance_norm_prelu_bwd)
@@ -299,8 +296,8 @@ class InstanceNorm(nn.Module):
         if not self.affine:
             if prelu_slope is None:
                 return instance_normalize(x, self.epsilon).astype(x.dtype)
-            ones = jnp.ones((c,), jnp.float32)
-            return _affine_norm(x, per_sample(ones), per_sample(0.0 * ones), self.epsilon, prelu_slope)
+            ones, zeros = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
+            return _affine_norm(x, per_sample(ones), per_sample(zeros), self.epsilon, prelu_slope)
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         return _affine_norm(x, per_sample(scale), per_sample(bias), self.epsilon, prelu_slope)
