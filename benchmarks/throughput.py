@@ -31,7 +31,9 @@ process: on a GPU all of them first (before JAX takes the memory), on a CPU each
 train cases are also timed step by step in turn with the PyTorch step (``reference_interleaved``, its
 ``cinjax_step_s``, and ``ratio_vs_reference_interleaved``): the same-run ratio least moved by a drift of
 the machine's speed, which on shared VMs changes within a minute. Parameter counts of both sides must
-agree.
+agree. Run as a command, the benchmark first restarts itself with glibc's huge-page tunable, as the
+``cinjax`` CLI does (:mod:`cinjax.hostmem`); both sides run in that one process, and ``env.huge_pages``
+says whether it was on (``CINJAX_HUGE_PAGES=0`` turns it off).
 
 JSON: ``{"train": {crops_per_s, step_s, tflops_per_s, mfu, [reference, ratio_vs_reference]}, "inference":
 {volumes_per_min, [reference, ratio_vs_reference]}, "loader": {crops_per_s, ...}, "env": {device_kind, jax,
@@ -64,7 +66,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cinjax import build, distributed, inference
+from cinjax import build, distributed, hostmem, inference
 from cinjax.config import base_config
 from cinjax.data import pipeline
 from cinjax.models.layers.attention import resolve_attention_impl
@@ -225,6 +227,8 @@ def env_report() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "huge_pages": hostmem.huge_pages_requested(),
         "xla_env": {
             k: v for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_")) and k != "XLA_FLAGS"
         },
@@ -820,4 +824,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    hostmem.ensure_huge_pages()  # as the CLI does: the figures are the product's (cinjax.hostmem)
     app.run(main)

@@ -137,7 +137,11 @@ def explain(error: BaseException) -> str | None:
 
 
 def run() -> None:
-    """Console-script entry point (``cinjax --config ... --workdir ...``)."""
+    """Console-script entry point (``cinjax --config ... --workdir ...``). It first restarts the process
+    once with glibc's huge-page tunable where that applies (``cinjax.hostmem``), before JAX is loaded."""
+    from cinjax import hostmem
+
+    hostmem.ensure_huge_pages()
     app.run(main)
 
 

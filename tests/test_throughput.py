@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cinjax import hostmem
 from cinjax.models import build_model, presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +73,10 @@ def test_headlines_follow_the_contract(results):
     assert _positive(loader["crops_per_s"])
     assert env["device_kind"] and env["jax"] == jax.__version__
     assert env["device_count"] == 1 and "xla_force_host_platform_device_count=1" in env["xla_flags"]
+    # The command restarted itself with glibc's huge-page tunable where it applies, as the CLI does.
+    restart = hostmem.restart_environment(_env())
+    assert env["huge_pages"] == hostmem.huge_pages_requested(restart or _env())
+    assert env["glibc_tunables"] == (restart or _env()).get("GLIBC_TUNABLES", "")
 
 
 def test_cases_carry_the_details(results):
