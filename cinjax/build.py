@@ -252,12 +252,12 @@ def make_init(
 
 
 def auto_windows_per_call() -> int:
-    """Windows per model call when ``eval.windows_per_call=0``: one per local device on CPU (a bigger
-    batch runs slower there: measured 7.0 / 6.3 / 5.3 volumes/min at 1 / 2 / 4 for a 64^3 C-UNet on one
-    2-core device), else at least 4 and a multiple of the local devices; each call splits evenly over
-    every local device."""
+    """Windows per model call when ``eval.windows_per_call=0``: two per local device on CPU, else at
+    least 4 and a multiple of the local devices; each call splits evenly over every local device. On the
+    2-core benchmark VM, 2 per call beat 1 in 7 of 8 runs of the 18-window C-UNet volume (by about 8 %)
+    and 4 was slower again (``benchmarks/RESULTS.md``)."""
     n = jax.local_device_count()
-    return n if jax.default_backend() == "cpu" else n * -(-4 // n)
+    return 2 * n if jax.default_backend() == "cpu" else n * -(-4 // n)
 
 
 def check_windows_per_call(windows_per_call: int) -> int:

@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
             overlap=0.5,
             blend="constant",  # constant (MI-Seg) | gaussian
             sigma_scale=0.125,
-            windows_per_call=0,  # 0: auto (1 per device on CPU, 4+ elsewhere); else a multiple of the devices
+            windows_per_call=0,  # 0: auto (2 per device on CPU, 4+ elsewhere); else a multiple of the devices
             dtype="",  # inference compute dtype: "" (train.dtype) | float32 | bfloat16
             stitch_on_host=False,
             distances=True,  # HD95 / ASSD (mm)

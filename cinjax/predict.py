@@ -82,7 +82,7 @@ class Predictor:
 
     ``tta_axes``: mirroring test-time augmentation over every subset of these spatial axes (``(0, 1,
     2)``: all 8 flips), inside the batched window program. An ensemble averages the members' softmax.
-    Windows go ``windows_per_call`` at a time over all local devices (0: one per device on CPU, 4+ on
+    Windows go ``windows_per_call`` at a time over all local devices (0: two per device on CPU, 4+ on
     accelerators). The largest-component post-processing recorded in the run is applied unless
     ``postprocess=False``.
     """

@@ -127,13 +127,13 @@ def test_bad_eval_settings_fail_at_start_up(key, value, match):
 
 
 def test_windows_per_call_auto_splits_over_every_device():
-    """0 (auto): one window per local device on CPU (8 fake devices here); a set value that does not
+    """0 (auto): two windows per local device on CPU (8 fake devices here); a set value that does not
     split over the devices is refused at start-up, not run on one device."""
     c = load("configs/demo.py")
     assert c.eval.windows_per_call == 0
     n = jax.local_device_count()
     assert build.window_settings(c).windows_per_call == (
-        n if jax.default_backend() == "cpu" else n * -(-4 // n)
+        2 * n if jax.default_backend() == "cpu" else n * -(-4 // n)
     )
     c.eval.windows_per_call = n + 1
     with pytest.raises(ValueError, match=f"multiple of {n}"):

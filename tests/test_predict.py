@@ -147,7 +147,7 @@ def test_windows_split_over_every_device(predictor):
     import jax
 
     assert jax.local_device_count() == 8
-    assert predictor.window.windows_per_call == 8 and predictor.mesh.devices.size == 8
+    assert predictor.window.windows_per_call == 16 and predictor.mesh.devices.size == 8
     x = predictor._put(np.zeros((8, 16, 16, 16, 1), np.float32))
     assert len(x.sharding.device_set) == 8 and x.addressable_shards[0].data.shape[0] == 1
     with pytest.raises(ValueError, match="multiple of 8"):
