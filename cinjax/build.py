@@ -254,8 +254,8 @@ def make_init(
 def auto_windows_per_call() -> int:
     """Windows per model call when ``eval.windows_per_call=0``: two per local device on CPU, else at
     least 4 and a multiple of the local devices; each call splits evenly over every local device. On the
-    2-core benchmark VM, 2 per call beat 1 in 7 of 8 runs of the 18-window C-UNet volume (by about 8 %)
-    and 4 was slower again (``benchmarks/RESULTS.md``)."""
+    2-core benchmark VM, 2 per call beat 1 in 8 of 9 runs of the 18-window C-UNet volume (median 9 %),
+    and 4 gained nothing more (``benchmarks/RESULTS.md``)."""
     n = jax.local_device_count()
     return 2 * n if jax.default_backend() == "cpu" else n * -(-4 // n)
 

@@ -5,8 +5,9 @@ XLA:CPU allocates the temporary buffer of every execution afresh and frees it wh
 allocations that large with a new ``mmap`` and returns them with ``munmap``, so each step faults the
 whole buffer in again, one 4 KB page at a time: about 115,000 page faults per C-UNet step (measured with
 ``getrusage``). glibc's ``glibc.malloc.hugetlb=1`` tunable asks for transparent huge pages (2 MB) on
-those mappings instead, which cuts the faults by about 100x. On the 2-core benchmark VM both train
-steps got about 10 % faster (``benchmarks/RESULTS.md``). The memory still goes back to the system when
+those mappings instead, which cuts the faults by about 100x. On the 2-core benchmark VM the C-UNet
+and C-Swin-UNETR train steps got 9.5 % and 7 % faster (medians of processes run in turn,
+``benchmarks/RESULTS.md``). The memory still goes back to the system when
 it is freed, so the resident size does not grow.
 
 glibc reads its tunables only when a process starts, so the command-line entry points call
