@@ -126,7 +126,7 @@ def _window_fn(model: Any, batching: str) -> Any:
     * CPU, ``lax.map``: one window at a time. The artefact's logits are bit-identical to
       :class:`cinjax.predict.Predictor`'s ``window_logits`` (two windows per device per call on CPU) in
       the tests, C-UNet and C-Swin-UNETR alike. It runs nearly as fast as a batched call there (two
-      windows per call gain about 8 % on the benchmark VM) and holds one window's activations whatever
+      windows per call gain a median 9 % on the benchmark VM) and holds one window's activations whatever
       the batch.
     * accelerators, ``vmap``: one batched program, as the Predictor runs there (batching is what makes a
       GPU fast). vmap over a one-window call is the batched call: these models have no op that mixes
