@@ -14,7 +14,10 @@ glibc reads its tunables only when a process starts, so the command-line entry p
 :func:`ensure_huge_pages` first: it executes the same command again with the tunable added to
 ``GLIBC_TUNABLES``. The PID, the arguments, the environment and the open files stay the same. Nothing
 happens when the tunable is already set, when ``CINJAX_HUGE_PAGES=0``, or where it cannot apply
-(another OS or C library, glibc older than 2.35, transparent huge pages set to ``never``).
+(another OS or C library, glibc older than 2.35, transparent huge pages set to ``never``). The
+stand-alone tools (``python -m cinjax.predict``, ``.evaluate``, ``.export``) do not restart: their module
+imports take 1.3-3.2 s before a restart could happen, more than a short job gains; set
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` for long ones.
 
 Keeping the freed memory in the process instead (``mallopt`` with a single arena and no ``mmap``) was
 faster still, but the heap grew by one step buffer every few dozen steps: 1.4 GB to 2.8 GB in 40 steps.
