@@ -23,6 +23,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cinjax import hostmem
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
@@ -139,8 +141,6 @@ def explain(error: BaseException) -> str | None:
 def run() -> None:
     """Console-script entry point (``cinjax --config ... --workdir ...``). It first restarts the process
     once with glibc's huge-page tunable where that applies (``cinjax.hostmem``), before JAX is loaded."""
-    from cinjax import hostmem
-
     hostmem.ensure_huge_pages()
     app.run(main)
 
